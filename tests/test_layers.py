@@ -287,3 +287,31 @@ def test_niff_demo_cli(capsys):
     assert len(errors) == 18 and max(errors) < 1e-6
     with pytest.raises(SystemExit):
         niff_demo_cli(['--channels', '0'])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_cuda_autocast_and_channels_last(dtype):
+    torch.manual_seed(0)
+    m = NIFFConv2d(8, 12).cuda()
+    x = torch.randn(2, 8, 14, 9, device='cuda')          # 14x9: not a power of two, which cuFFT half cannot do
+    with torch.autocast('cuda', dtype=dtype):
+        y = m(x.to(dtype).to(memory_format=torch.channels_last))
+    assert y.dtype == dtype and y.is_cuda
+    assert rel_err(y.float(), m(x)) < 2e-2
+
+
+@cuda
+def test_cuda_matches_cpu_and_caches_per_device():
+    torch.manual_seed(0)
+    m = NIFFDepthwise(4, 'small').eval()
+    x = torch.randn(1, 4, 10, 10)
+    with torch.no_grad():
+        y_cpu = m(x)
+        m.cuda()
+        y_gpu = m(x.cuda())
+        assert m.filter(10, 10).is_cuda
+    assert rel_err(y_gpu.cpu(), y_cpu) < 1e-5
