@@ -436,7 +436,7 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
     return model
 
 # %% ../nbs/03_convert.ipynb #0c94f72f
-def smallcnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Sequential:
+def smallcnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Sequential:
     "The study's small CNN: 3x3 stem, three stages (w, 2w, 4w) each with one stride-1 3x3, stride-2 3x3 between, GAP, linear."
     for name, v in (('num_classes', num_classes), ('in_channels', in_channels), ('width', width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int; got {v!r}")

@@ -23,6 +23,7 @@ def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second():
     setup = readme.split('## Set up', 1)[1].split('\n## ', 1)[0]
     commands = re.findall(r"```sh\n(.*?)\n```", setup, flags=re.S)
     assert len(commands) == 2, commands
-    assert commands[0].startswith('pip install -e ".[dev]"')
+    assert 'pip install -e ".[dev]"' in commands[0] and commands[0].rstrip().endswith('niff_study')
+    assert 'apt-get install -y dataset-fashion-mnist' in commands[0]
     assert commands[1].startswith('nbdev_test')
     assert "grep -m1 -E '^nbdev_test" in (ROOT / '.ci' / 'run').read_text()
