@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy as _copy
 import fnmatch
+import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
@@ -19,10 +20,11 @@ from .layers import BOUNDARIES, COORDS, MLP_PRESETS, NIFFConv2d, NIFFDepthwise, 
 from .padding import PAD_MODES
 
 # %% auto #0
-__all__ = ['FM_PADDINGS', 'FORMS', 'POLICY_KEYS', 'ARCHS', 'EXTRA_ARCHS', 'VARIANTS', 'STEMS', 'ARCH_MLP', 'PAPER_TABLES',
-           'PAPER_PARAMS', 'n_params', 'conv_kind', 'is_same_size', 'SpatialSeparable', 'NIFFGrouped', 'fm_kernel_size',
-           'embed_kernel', 'feature_map_sizes', 'ConversionReport', 'niffify', 'variant_settings', 'create_model',
-           'smallcnn', 'param_table', 'show_param_table']
+__all__ = ['FM_PADDINGS', 'FORMS', 'POLICY_KEYS', 'ARCHS', 'EXTRA_ARCHS', 'VARIANTS', 'STEMS', 'ARCH_MLP', 'PLUGIN_VARIANTS',
+           'PAPER_TABLES', 'PAPER_PARAMS', 'n_params', 'conv_kind', 'is_same_size', 'SpatialSeparable', 'NIFFGrouped',
+           'fm_kernel_size', 'embed_kernel', 'feature_map_sizes', 'ConversionReport', 'niffify', 'register_variant',
+           'all_variants', 'variant_converter', 'variant_settings', 'create_model', 'smallcnn', 'param_table',
+           'show_param_table']
 
 # %% ../nbs/03_convert.ipynb #cd92846d
 def _choice(name, value, choices):
@@ -325,9 +327,38 @@ STEMS = ('imagenet', 'cifar')
 ARCH_MLP = {'resnet18': 'big', 'resnet50': 'big', 'resnet101': 'big', 'convnext_tiny': 'big',
             'densenet121': 'small', 'mobilenet_v2': 'small', 'mobilenet_v3_small': 'small', 'smallcnn': 'cifar'}
 
+# Variants that live in later modules (which must not be imported here at import time): name -> providing module.
+PLUGIN_VARIANTS = {'octave': 'niff_nb.peers', 'ffc': 'niff_nb.peers', 'gfnet': 'niff_nb.peers'}
+_CONVERTERS: dict[str, Callable] = {}
+
+def register_variant(name: str, convert: Callable, module: str | None = None):
+    """Make `name` a `create_model` variant: `convert(model, *, stem, input_size, **variant_kw)` converts `model` in place
+    and returns it carrying a `ConversionReport` as `model.niff_report`. Plugin modules call this when imported;
+    `module` (the importable name of the providing module) lets `create_model` import it lazily next time."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be an identifier-like string such as 'octave'; got {name!r}")
+    if name in VARIANTS: raise ValueError(f"name={name!r} is a built-in variant; built-ins are {', '.join(VARIANTS)}")
+    if not callable(convert): raise TypeError(f"convert must be callable(model, *, stem, input_size, **kw); got {convert!r}")
+    _CONVERTERS[name] = convert
+    if module is not None: PLUGIN_VARIANTS[name] = module
+
+def all_variants() -> tuple[str, ...]:
+    "Every variant `create_model` accepts: the paper's `VARIANTS`, then the plugin variants (`PLUGIN_VARIANTS`, registered ones)."
+    return VARIANTS + tuple(n for n in dict.fromkeys([*PLUGIN_VARIANTS, *_CONVERTERS]) if n not in VARIANTS)
+
+def variant_converter(variant: str) -> Callable:
+    "The conversion function of plugin variant `variant`, importing its module (`PLUGIN_VARIANTS`) on first use."
+    if variant not in _CONVERTERS and variant in PLUGIN_VARIANTS: importlib.import_module(PLUGIN_VARIANTS[variant])
+    if variant not in _CONVERTERS:
+        _choice('variant', variant, tuple(v for v in all_variants() if v not in VARIANTS) or ('(no plugin variants)',))
+        raise ImportError(f"module {PLUGIN_VARIANTS[variant]!r} was imported but did not register variant {variant!r}")
+    return _CONVERTERS[variant]
+
 def variant_settings(variant: str) -> dict:
-    "The `niffify` arguments (form, boundary, pad) of one of the paper's `VARIANTS` (None for 'baseline')."
-    _choice('variant', variant, VARIANTS)
+    """The `niffify` arguments (form, boundary, pad) of one of the paper's `VARIANTS` (None for 'baseline'), or
+    `{'plugin': variant, 'module': ...}` for a plugin variant (`all_variants()` lists every accepted name)."""
+    _choice('variant', variant, all_variants())
+    if variant not in VARIANTS: return dict(plugin=variant, module=PLUGIN_VARIANTS.get(variant))
     if variant == 'baseline': return None
     if variant.startswith('niff_pad_'): return dict(form='niff', boundary='circular', pad=variant[len('niff_pad_'):])
     if variant == 'niff_linear': return dict(form='niff', boundary='linear', pad=None)
@@ -389,19 +420,25 @@ def _drop_pointwise_bias(model: nn.Module) -> list[dict]:
 def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str = 'imagenet', in_channels: int = 3,
                  mlp=None, pointwise_bias: bool | None = None, keep_1x1: bool | None = None,
                  convert_stem: bool | None = None, input_size=None, coords: str = 'cycles',
-                 fm_padding: str = 'zeros', device=None, verbose: bool = False) -> nn.Module:
+                 fm_padding: str = 'zeros', variant_kw: dict | None = None, device=None, verbose: bool = False) -> nn.Module:
     """One of the paper's models: torchvision's `arch` (weights=None) as `variant`, for `num_classes` classes
     (or the study's `smallcnn`).
 
     `stem='cifar'` adapts the stem to 32x32 inputs, `in_channels=1` to grayscale. `mlp` defaults to the paper's preset
     (`ARCH_MLP`, or 'cifar' with the CIFAR stem). `pointwise_bias`, `keep_1x1` and `convert_stem` default to what the
     paper's parameter counts require (see the notebook). `input_size` (default 224, or 32 with the CIFAR stem) sizes
-    the kernels of 'spatial_fm'. `device='meta'` builds the structure without allocating weights."""
+    the kernels of 'spatial_fm' (and of plugin variants that need it). `variant_kw` are the settings of a plugin variant
+    (e.g. `{'alpha': 0.25}` for 'octave'; see `all_variants()`). `device='meta'` builds the structure without allocating weights."""
     _choice('arch', arch, ARCHS + EXTRA_ARCHS)
     vs = variant_settings(variant)
     _choice('stem', stem, STEMS)
     for name, v in (('num_classes', num_classes), ('in_channels', in_channels)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int; got {v!r}")
+    if variant_kw is not None:
+        if not isinstance(variant_kw, Mapping): raise ValueError(f"variant_kw must be a dict or None; got {variant_kw!r}")
+        if vs is None or 'plugin' not in vs:
+            raise ValueError(f"variant_kw only applies to plugin variants ({', '.join(all_variants()[len(VARIANTS):])}); "
+                             f"got variant_kw={dict(variant_kw)!r} with variant={variant!r}")
     for name, v in (('pointwise_bias', pointwise_bias), ('keep_1x1', keep_1x1), ('convert_stem', convert_stem)):
         _choice(name, v, (None, True, False))
     cifar = stem == 'cifar'
@@ -413,6 +450,7 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
     config = dict(arch=arch, variant=variant, num_classes=num_classes, stem=stem, in_channels=in_channels, mlp=mlp,
                   pointwise_bias=pointwise_bias, keep_1x1=keep_1x1, convert_stem=convert_stem, input_size=input_size,
                   coords=coords, fm_padding=fm_padding)
+    if variant_kw: config['variant_kw'] = dict(variant_kw)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if arch == 'smallcnn': model = smallcnn(num_classes, in_channels)
         else: model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
@@ -423,6 +461,8 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
         _set_submodule(model, name, _new_conv(conv, in_channels=in_channels))
     if vs is None:
         model.niff_report = ConversionReport([], n_params(model), n_params(model))
+    elif 'plugin' in vs:
+        model = variant_converter(variant)(model, stem=convert_stem, input_size=input_size, **(variant_kw or {}))
     else:
         is_niff = vs['form'].startswith('niff')
         niffify(model, vs['form'], mlp=mlp, bias=False if is_niff else None, keep_1x1=keep_1x1, boundary=vs['boundary'],

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -17,7 +18,7 @@ from .padding import PAD_MODES, centre_kernel, crop2d, feature_map_pads, pad2d
 
 # %% auto #0
 __all__ = ['COORDS', 'MLP_PRESETS', 'BOUNDARIES', 'freq_grid', 'resolve_mlp', 'implicit_mlp', 'ImplicitFilter', 'mix_channels',
-           'NIFFBase', 'NIFFDepthwise', 'FreqPointwise', 'NIFFConv2d', 'niff_demo', 'niff_demo_cli']
+           'fft_filter', 'NIFFBase', 'NIFFDepthwise', 'FreqPointwise', 'NIFFConv2d', 'niff_demo', 'niff_demo_cli']
 
 # %% ../nbs/02_layers.ipynb #f6cf0815
 COORDS = ('cycles', 'index')
@@ -73,6 +74,12 @@ def implicit_mlp(out_channels: int, hidden: Sequence[int], act=nn.SiLU) -> nn.Se
     layers.append(nn.Conv2d(c, out_channels, 1))
     return nn.Sequential(*layers)
 
+@lru_cache(maxsize=128)
+def _cached_mlp_input(h, w, coords, device, dtype):
+    "The grid as (2, 2, P) contiguous points, one copy per MLP: a stride-0 batch (`expand`) sends `baddbmm` down a slow path."
+    with torch.inference_mode(False):
+        return _cached_freq_grid(h, w, coords, device, dtype).flatten(1).expand(2, -1, -1).contiguous()
+
 class ImplicitFilter(nn.Module):
     "A complex frequency response W(ω) = MLP_re(ω) + i·MLP_im(ω) with `out_channels` channels."
     def __init__(self, out_channels: int, mlp='big', coords: str = 'cycles', act=None):
@@ -87,8 +94,8 @@ class ImplicitFilter(nn.Module):
         self._batched = all(not list(m.parameters()) for m in self.real if not isinstance(m, nn.Conv2d))
 
     def _run_batched(self, g: torch.Tensor) -> torch.Tensor:
-        "Both MLPs at once on points g (2, P): a 1x1 conv on a grid is a matrix product over its points."
-        x = g.expand(2, -1, -1)
+        "Both MLPs at once on points g (2, P) or (2, 2, P): a 1x1 conv on a grid is a matrix product over its points."
+        x = g if g.dim() == 3 else g.expand(2, -1, -1).contiguous()
         for re_layer, im_layer in zip(self.real, self.imag):
             if isinstance(re_layer, nn.Conv2d):
                 w = torch.stack([re_layer.weight.flatten(1), im_layer.weight.flatten(1)])
@@ -101,11 +108,11 @@ class ImplicitFilter(nn.Module):
     def forward(self, h: int, w: int) -> torch.Tensor:
         "Complex weights of shape (out_channels, h, w//2+1) on the `rfft2` grid of an h x w input."
         p = self.real[0].weight
-        grid = freq_grid(h, w, self.coords, device=p.device, dtype=p.dtype)
         if self._batched:
-            out = self._run_batched(grid.flatten(1))
+            _check_positive_int('h', h); _check_positive_int('w', w)
+            out = self._run_batched(_cached_mlp_input(h, w, self.coords, p.device, p.dtype))
             return torch.complex(out[0], out[1]).view(self.out_channels, h, w // 2 + 1)
-        grid = grid[None]
+        grid = freq_grid(h, w, self.coords, device=p.device, dtype=p.dtype)[None]
         return torch.complex(self.real(grid)[0], self.imag(grid)[0])
 
 # %% ../nbs/02_layers.ipynb #8ea5bc10
@@ -128,8 +135,78 @@ def mix_channels(a: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
     z = torch.einsum('oc,bchwz->bohwz', a.to(spec.real.dtype), torch.view_as_real(spec))
     return torch.view_as_complex(z.contiguous())
 
+_VERSION = operator.attrgetter('_version')
+_STRUCTURE = [0]      # bumped whenever any module anywhere registers a parameter or a submodule (assignment included)
+
+def _structure_changed(*args):
+    _STRUCTURE[0] += 1
+
+nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+nn.modules.module.register_module_module_registration_hook(_structure_changed)
+
+def _autocast_on(device_type: str) -> bool:
+    try: return torch.is_autocast_enabled(device_type)
+    except RuntimeError: return False          # devices without autocast (meta)
+
+def _walk_params(*modules) -> list:
+    "Parameters of `modules` and their children, depth first: `Module.parameters()` without its bookkeeping (shared ones may repeat)."
+    out, stack = [], list(reversed(modules))
+    while stack:
+        m = stack.pop()
+        out += [p for p in m._parameters.values() if p is not None]
+        stack += [c for c in reversed(m._modules.values()) if c is not None]
+    return out
+
+def _fft_filter_forward(x, filt, bias, keep_spec: bool = True):
+    h, w = x.shape[-2:]
+    spec = torch.fft.rfft2(x)
+    prod = spec * filt if keep_spec else spec.mul_(filt)    # in place when the spectrum is not needed for a backward
+    if bias is not None:                       # a constant b in space is b·H·W at frequency 0: no pass over the map
+        r = torch.view_as_real(prod)           # the real parts at [..., 0, 0], as one strided view
+        r.as_strided(r.shape[:-3], r.stride()[:-3], r.storage_offset()).add_(
+            bias if bias.dtype == x.dtype else bias.to(x.dtype), alpha=h * w)
+    return torch.fft.irfft2(prod, s=(h, w)), spec
+
+def _batch_dot(spec, G, filt_shape, G_is_free: bool):
+    "sum over broadcast dims of conj(spec) * G, reduced to `filt_shape`; in G's memory when nothing else needs G."
+    # Few large ops on purpose: a loop over the batch is faster on an idle CPU but collapses when cores are shared.
+    prod = G.mul_(spec.conj()) if G_is_free else spec.conj() * G
+    return prod.sum_to_size(filt_shape)
+
+class _FFTFilter(torch.autograd.Function):
+    "irfft2(rfft2(x)·W) + b with the adjoint written out: the input gradient is a correlation, irfft2(rfft2(g)·conj W)."
+    @staticmethod
+    def forward(ctx, x, filt, bias):
+        y, spec = _fft_filter_forward(x, filt, bias, keep_spec=ctx.needs_input_grad[1])
+        ctx.save_for_backward(spec if ctx.needs_input_grad[1] else None, filt if ctx.needs_input_grad[0] else None)
+        ctx.size, ctx.shapes = tuple(x.shape[-2:]), (filt.shape, None if bias is None else bias.shape)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        spec, filt = ctx.saved_tensors
+        (h, w), (filt_shape, bias_shape) = ctx.size, ctx.shapes
+        G = torch.fft.rfft2(g)
+        gx = gf = gb = None
+        if ctx.needs_input_grad[2]: gb = G[..., 0, 0].real.sum_to_size(bias_shape).clone()   # before G is reused
+        if ctx.needs_input_grad[1]:
+            gf = _batch_dot(spec, G, filt_shape, not ctx.needs_input_grad[0]).div_(h * w)   # irfft2's 1/(HW) scales its adjoint too
+            n = w - (w // 2 + 1)                # columns whose mirror image is not stored count twice (as in irfft2's backward)
+            if n > 0: gf[..., 1:1 + n] *= 2
+        if ctx.needs_input_grad[0]: gx = torch.fft.irfft2(G.mul_(filt.conj()), s=(h, w))   # G is ours: reuse it
+        return gx, gf, gb
+
+def fft_filter(x: torch.Tensor, filt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    "`irfft2(rfft2(x) * filt) + bias[:, None, None]` for real x (..., C, H, W) and a complex filter broadcastable to (C, H, W//2+1)."
+    if filt.dtype != (cdtype := x.dtype.to_complex()): filt = filt.to(cdtype)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, filt, bias)):
+        return _FFTFilter.apply(x, filt, bias)
+    return _fft_filter_forward(x, filt, bias, keep_spec=False)[0]
+
 class NIFFBase(nn.Module):
     "Shared machinery of NIFF layers: input checks, boundary handling, autocast, filter caching, spatial kernels."
+    fused = True   # circular depthwise products run through `fft_filter`; False = the reference autograd path
     def __init__(self, in_channels: int, out_channels: int, boundary: str = 'circular', pad: str | None = None):
         super().__init__()
         _check_positive_int('in_channels', in_channels); _check_positive_int('out_channels', out_channels)
@@ -138,35 +215,55 @@ class NIFFBase(nn.Module):
         if boundary == 'linear' and pad is not None:
             raise ValueError(f"pad={pad!r} only applies to boundary='circular'; boundary='linear' already zero-pads to 2N-1")
         self.in_channels, self.out_channels, self.boundary, self.pad = in_channels, out_channels, boundary, pad
-        self._filter_cache = {}
+        self._filter_cache, self._params_memo = {}, None
 
     # Subclasses define the filter and how it meets the spectrum.
     def _compute_filter(self, h: int, w: int) -> torch.Tensor: raise NotImplementedError
     def _spectral_product(self, spec: torch.Tensor, filt: torch.Tensor) -> torch.Tensor: raise NotImplementedError
-    def _spatial_post(self, y: torch.Tensor) -> torch.Tensor: return y
+    def _spatial_post(self, y: torch.Tensor, fused: bool = False) -> torch.Tensor: return y
+    def _fusable(self) -> bool: return False          # is the spectral product a (broadcast) depthwise filter?
+    def _fused_bias(self): return None                # a per-channel bias `fft_filter` may add at frequency 0
     def _filter_params(self) -> list: return list(self.parameters())
-    def _product_filter(self, h: int, w: int) -> torch.Tensor: return self.filter(h, w)
+    def _product_filter(self, h: int, w: int) -> torch.Tensor: return self._filter(h, w)
     def _product_kernel(self, h: int, w: int) -> torch.Tensor: return self.spatial_kernel(h, w)
 
     def _cache_allowed(self) -> bool:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._filter_params())
         return not self.training and not needs_grad
 
-    def _fresh_filter(self, h, w):
-        device_type = self._filter_params()[0].device.type
+    def _fresh_filter(self, h, w, params=None):
+        device_type = (params or self._filter_params())[0].device.type
+        if not _autocast_on(device_type): return self._compute_filter(h, w)
         with torch.autocast(device_type=device_type, enabled=False):
             return self._compute_filter(h, w)
+
+    def _memo_filter_params(self) -> list:
+        """`_filter_params()`, remembered until any module registers a parameter or submodule (global hooks) or a
+        parameter is swapped in its module's dict behind `setattr`'s back (as `torch.func.functional_call` does)."""
+        memo = self._params_memo
+        if memo is not None and memo[0] == _STRUCTURE[0] and all(map(operator.is_, map(dict.get, memo[2], memo[3]), memo[1])):
+            return memo[1]
+        params = self._filter_params()
+        where = {id(p): (m._parameters, k) for m in self.modules() for k, p in m._parameters.items() if p is not None}
+        dicts, keys = zip(*(where[id(p)] for p in params)) if all(id(p) in where for p in params) else ((), ())
+        self._params_memo = (_STRUCTURE[0] if dicts else -1, params, dicts, keys)
+        return params
 
     def filter(self, h: int, w: int) -> torch.Tensor:
         "Complex half-spectrum weights of this layer for an h x w input (cached in eval mode)."
         _check_positive_int('h', h); _check_positive_int('w', w)
-        if not self._cache_allowed(): return self._fresh_filter(h, w)
-        params = self._filter_params()
+        return self._filter(h, w)
+
+    def _filter(self, h, w):
+        params = self._filter_params() if torch.compiler.is_compiling() else self._memo_filter_params()
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self._fresh_filter(h, w, params)
         key = (h, w, params[0].device, params[0].dtype, torch.is_inference_mode_enabled())
-        stamp = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        # Version counters only grow, so their sum changes with any in-place update; identities are checked by the memo.
+        stamp = (sum(map(_VERSION, params)), tuple(map(torch.Tensor.data_ptr, params)))
         hit = self._filter_cache.get(key)
         if hit is not None and hit[0] == stamp: return hit[1]
-        filt = self._fresh_filter(h, w)
+        filt = self._fresh_filter(h, w, params)
         self._filter_cache[key] = (stamp, filt)
         return filt
 
@@ -178,28 +275,34 @@ class NIFFBase(nn.Module):
         "Real spatial kernels for an h x w input, centred at (h//2, w//2)."
         return centre_kernel(torch.fft.irfft2(self.filter(h, w), s=(h, w)))
 
-    def _frequency_path(self, x: torch.Tensor) -> torch.Tensor:
+    def _frequency_path(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self.boundary == 'linear':
             H, W = 2 * h - 1, 2 * w - 1
             filt = torch.fft.rfft2(self._product_kernel(h, w), s=(H, W))
             y = torch.fft.irfft2(self._spectral_product(torch.fft.rfft2(x, s=(H, W)), filt), s=(H, W))
             return y[..., h // 2: h // 2 + h, w // 2: w // 2 + w]
-        if self.pad is not None:
-            pads = feature_map_pads(h, w, self.pad)
-            xp = pad2d(x, pads, self.pad)
-            H, W = xp.shape[-2:]
-            y = torch.fft.irfft2(self._spectral_product(torch.fft.rfft2(xp), self._product_filter(H, W)), s=(H, W))
-            return crop2d(y, pads)
-        return torch.fft.irfft2(self._spectral_product(torch.fft.rfft2(x), self._product_filter(h, w)), s=(h, w))
+        pads = feature_map_pads(h, w, self.pad) if self.pad is not None else None
+        xp = x if pads is None else pad2d(x, pads, self.pad)
+        H, W = xp.shape[-2:]
+        if fused: y = fft_filter(xp, self._product_filter(H, W), self._fused_bias())
+        else: y = torch.fft.irfft2(self._spectral_product(torch.fft.rfft2(xp), self._product_filter(H, W)), s=(H, W))
+        return y if pads is None else crop2d(y, pads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_layer_input(self, x, self.in_channels)
-        dtype = x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-            y = self._spatial_post(self._frequency_path(x32))
-        return y.to(dtype)
+        dtype, device_type = x.dtype, x.device.type
+        # Under torch.compile the reference path is traced instead: Inductor wants plain ops, not a hand-written backward.
+        fused = self.fused and self.boundary == 'circular' and self._fusable() and not torch.compiler.is_compiling()
+        if dtype in (torch.float16, torch.bfloat16) or _autocast_on(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+                return self._spatial_post(self._frequency_path(x32, fused), fused).to(dtype)
+        if fused and self.pad is None and not torch.is_grad_enabled():     # inference: straight to the FFT pair
+            filt = self._product_filter(*x.shape[-2:])
+            if filt.dtype != (cdtype := dtype.to_complex()): filt = filt.to(cdtype)
+            return self._spatial_post(_fft_filter_forward(x, filt, self._fused_bias(), keep_spec=False)[0], True)
+        return self._spatial_post(self._frequency_path(x, fused), fused)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, boundary={self.boundary!r}"
@@ -217,12 +320,15 @@ class NIFFDepthwise(NIFFBase):
     @property
     def channels(self) -> int: return self.in_channels
 
-    def _filter_params(self): return list(self.implicit.parameters())
+    def _filter_params(self): return _walk_params(self.implicit)
     def _compute_filter(self, h, w): return self.implicit(h, w)
     def _spectral_product(self, spec, filt): return spec * filt.to(spec.dtype)
 
-    def _spatial_post(self, y):
-        return y if self.bias is None else y + self.bias.to(y.dtype)[:, None, None]
+    def _fusable(self): return True
+    def _fused_bias(self): return self.bias
+
+    def _spatial_post(self, y, fused=False):
+        return y if fused or self.bias is None else y + self.bias.to(y.dtype)[:, None, None]
 
 # %% ../nbs/02_layers.ipynb #35b484e7
 class FreqPointwise(NIFFBase):
@@ -247,7 +353,7 @@ class FreqPointwise(NIFFBase):
         dc[:, 0, 0] = self.bias.to(out.real.dtype) * (size[0] * size[1])  # a constant b in space is b·H·W at frequency 0
         return out + dc
 
-    def _frequency_path(self, x):
+    def _frequency_path(self, x, fused=False):
         h, w = x.shape[-2:]
         return torch.fft.irfft2(self.spectral(torch.fft.rfft2(x), (h, w)), s=(h, w))
 
@@ -272,8 +378,8 @@ class NIFFConv2d(NIFFBase):
         return not self.full and self.out_channels < self.in_channels
 
     def _filter_params(self):
-        if self.full: return list(self.implicit.parameters())
-        return list(self.depthwise.implicit.parameters()) + [self.pointwise.weight]
+        if self.full: return _walk_params(self.implicit)
+        return _walk_params(self.depthwise.implicit) + [self.pointwise.weight]
 
     def _compute_filter(self, h, w):
         if self.full: return self.implicit(h, w).view(self.out_channels, self.in_channels, h, w // 2 + 1)
@@ -281,7 +387,7 @@ class NIFFConv2d(NIFFBase):
 
     # The separated block multiplies by the depthwise filter only; its 1x1 goes on the cheaper side.
     def _product_filter(self, h, w):
-        return self.filter(h, w) if self.full else self.depthwise.filter(h, w)
+        return self._filter(h, w) if self.full else self.depthwise._filter(h, w)
 
     def _product_kernel(self, h, w):
         return self.spatial_kernel(h, w) if self.full else self.depthwise.spatial_kernel(h, w)
@@ -291,9 +397,13 @@ class NIFFConv2d(NIFFBase):
         spec = spec * filt.to(spec.dtype)
         return mix_channels(self.pointwise.weight[:, :, 0, 0], spec) if self.pointwise_in_frequency else spec
 
-    def _spatial_post(self, y):
-        if not self.full and not self.pointwise_in_frequency: y = F.conv2d(y, self.pointwise.weight.to(y.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)[:, None, None]
+    def _fusable(self): return not self.full and not self.pointwise_in_frequency
+
+    def _spatial_post(self, y, fused=False):
+        bias = None if self.bias is None else self.bias.to(y.dtype)
+        if not self.full and not self.pointwise_in_frequency:     # the 1x1 and the bias in one convolution
+            return F.conv2d(y, self.pointwise.weight.to(y.dtype), bias)
+        return y if bias is None else y + bias[:, None, None]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", full={self.full}"

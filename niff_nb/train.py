@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .convert import create_model
+from .convert import all_variants, create_model
 from .data import DATASETS, BatchTransform, dataset_info, get_dataset, make_loader, set_epoch, subset_dataset
 
 # %% auto #0
@@ -380,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='niff_train', description='Train a (NIFF) CNN. Defaults: the paper\'s CIFAR-10 recipe.')
     p.add_argument('--recipe', default='paper-cifar', choices=tuple(RECIPES), help='starting configuration (flags override it)')
     p.add_argument('--arch', help='model architecture, e.g. resnet18, smallcnn')
-    p.add_argument('--variant', help='baseline, separated, niff, niff_full, niff_linear, ...')
+    p.add_argument('--variant', help=f"one of {', '.join(all_variants())}")
     p.add_argument('--dataset', choices=DATASETS)
     p.add_argument('--data', help='dataset root directory')
     p.add_argument('--epochs', type=int)

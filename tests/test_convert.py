@@ -374,3 +374,38 @@ def test_feature_map_sizes_leaves_the_model_alone():
     eq((m.training, m[1].training), (True, False))
     eq(all(torch.equal(before[k], v) for k, v in m.state_dict().items()), True)
     eq(all(len(x._forward_pre_hooks) == 0 for x in m.modules()), True)
+
+
+# ---------------------------------------------------------------- plugin variant registry
+def test_registry_registers_builds_and_rejects():
+    from niff_nb import convert as C
+
+    def keep(model, *, stem, input_size, tag='x'):
+        model.niff_report = ConversionReport([], n_params(model), n_params(model))
+        model.tag = (tag, stem, input_size)
+        return model
+    C.register_variant('toy_keep_test', keep)
+    try:
+        assert 'toy_keep_test' in C.all_variants() and C.all_variants()[:len(VARIANTS)] == VARIANTS
+        m = create_model('smallcnn', 'toy_keep_test', 10, in_channels=1, variant_kw={'tag': 'y'}, device='meta')
+        eq(m.tag, ('y', False, 224)); eq(m.niff_config['variant_kw'], {'tag': 'y'}); eq(m.niff_config['variant'], 'toy_keep_test')
+        eq(C.variant_settings('toy_keep_test'), {'plugin': 'toy_keep_test', 'module': None})
+    finally:
+        del C._CONVERTERS['toy_keep_test']
+    with pytest.raises(ValueError, match="'octave'"): create_model('smallcnn', 'toy_keep_test')
+    with pytest.raises(ValueError, match='built-in'): C.register_variant('niff', keep)
+    with pytest.raises(ValueError, match='name'): C.register_variant('a b', keep)
+    with pytest.raises(TypeError, match='convert'): C.register_variant('toy2', 3)
+    with pytest.raises(ValueError, match='variant_kw only applies'): create_model('resnet18', 'niff', variant_kw={'a': 1}, device='meta')
+
+
+def test_builtin_variants_keep_their_config_keys():
+    m = create_model('smallcnn', 'niff', 10, in_channels=1, device='meta')
+    assert 'variant_kw' not in m.niff_config
+    eq(set(create_model('smallcnn', 'octave', 10, in_channels=1, device='meta').niff_config), set(m.niff_config))
+
+
+def test_plugin_module_missing_registration_is_reported(monkeypatch):
+    from niff_nb import convert as C
+    monkeypatch.setitem(C.PLUGIN_VARIANTS, 'ghost_variant', 'niff_nb.padding')     # importable, registers nothing
+    with pytest.raises(ImportError, match='ghost_variant'): create_model('smallcnn', 'ghost_variant', device='meta')

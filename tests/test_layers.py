@@ -315,3 +315,158 @@ def test_cuda_matches_cpu_and_caches_per_device():
         y_gpu = m(x.cuda())
         assert m.filter(10, 10).is_cuda
     assert rel_err(y_gpu.cpu(), y_cpu) < 1e-5
+
+
+# --- issue 6: the fused fft_filter path and the eval filter cache ------------------------------------------------
+from niff_nb.layers import fft_filter
+
+
+def _reference_copy(m):
+    import copy
+    r = copy.deepcopy(m)
+    for mod in r.modules():
+        if hasattr(mod, 'fused'): mod.fused = False
+    return r
+
+
+@pytest.mark.parametrize('kind', ['depthwise', 'depthwise_nobias', 'separated', 'separated_bias'])
+@pytest.mark.parametrize('size', [(7, 7), (8, 8), (9, 12), (16, 5), (1, 6), (5, 1)])
+@pytest.mark.parametrize('pad', [None, 'reflect', 'zeros'])
+def test_fused_path_equals_reference(kind, size, pad):
+    torch.manual_seed(0)
+    if kind.startswith('depthwise'): m = NIFFDepthwise(3, 'small', bias=kind == 'depthwise', pad=pad)
+    else: m = NIFFConv2d(3, 4, 'small', bias=kind == 'separated_bias', pad=pad)
+    m = m.double()
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(0.1 * torch.randn_like(p))   # non-zero biases
+    ref = _reference_copy(m)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = m(x), ref(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    y.backward(g); yr.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-10)
+    for (n, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, pr.grad, rtol=1e-9, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize('size', [(6, 8), (7, 5), (4, 1), (1, 1)])
+def test_fft_filter_matches_autograd_of_plain_formula(size):
+    torch.manual_seed(1)
+    h, w = size
+    x = torch.randn(3, 2, h, w, dtype=torch.float64, requires_grad=True)
+    filt = torch.randn(2, h, w // 2 + 1, dtype=torch.complex128, requires_grad=True)   # not Hermitian on purpose
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    y = fft_filter(x, filt, b)
+    x2, f2, b2 = (t.detach().clone().requires_grad_() for t in (x, filt, b))
+    y2 = torch.fft.irfft2(torch.fft.rfft2(x2) * f2, s=size) + b2[:, None, None]
+    torch.testing.assert_close(y, y2)
+    g = torch.randn_like(y)
+    y.backward(g); y2.backward(g)
+    for a, c in ((x, x2), (filt, f2), (b, b2)): torch.testing.assert_close(a.grad, c.grad)
+    assert torch.autograd.gradcheck(fft_filter, (x, filt, b))
+
+
+def test_fft_filter_without_grad_and_broadcast_filter():
+    x = torch.randn(2, 3, 8, 6)
+    f = torch.randn(1, 8, 4, dtype=torch.complex64)
+    torch.testing.assert_close(fft_filter(x, f), torch.fft.irfft2(torch.fft.rfft2(x) * f, s=(8, 6)))
+    xd = x.double()
+    assert fft_filter(xd, f).dtype == torch.float64                   # the filter follows the input's precision
+    fg = f.clone().requires_grad_()
+    fft_filter(x, fg).sum().backward()
+    assert fg.grad.shape == f.shape
+
+
+def test_fused_path_is_used_and_channels_last():
+    m = NIFFDepthwise(4, 'small')
+    x = torch.randn(2, 4, 9, 9)
+    assert m.fused and m._fusable()
+    torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), m(x), rtol=1e-5, atol=1e-6)
+    assert not NIFFConv2d(4, 4, full=True)._fusable() and not NIFFConv2d(4, 2)._fusable()
+
+
+class TestCacheNeverStale:
+    def _eval_out(self, m, x):
+        with torch.no_grad(): return m(x)
+
+    def test_optimizer_step_in_eval_mode(self):
+        torch.manual_seed(0)
+        m = NIFFDepthwise(3, 'small').eval()          # e.g. fine-tuning with frozen batch statistics
+        opt = torch.optim.Adam(m.parameters(), lr=0.1)
+        x = torch.randn(2, 3, 8, 8)
+        before = self._eval_out(m, x)
+        m(x).square().mean().backward(); opt.step()    # grad enabled: not cached; the step mutates in place
+        after = self._eval_out(m, x)
+        ref = _reference_copy(m).train()                # recomputes its filter
+        torch.testing.assert_close(after, ref(x).detach())
+        assert not torch.allclose(before, after)
+
+    def test_load_state_dict_and_param_replacement(self):
+        torch.manual_seed(0)
+        m, other = NIFFConv2d(3, 3, 'small').eval(), NIFFConv2d(3, 3, 'small')
+        x = torch.randn(2, 3, 8, 8)
+        self._eval_out(m, x)
+        m.load_state_dict(other.state_dict())
+        torch.testing.assert_close(self._eval_out(m, x), other.eval()(x).detach())
+        last = m.depthwise.implicit.real[-1]
+        last.bias = nn.Parameter(last.bias.detach() + 1.0)                       # replaced, not mutated
+        y1 = self._eval_out(m, x)
+        torch.testing.assert_close(y1, _reference_copy(m).train()(x).detach())
+        m.depthwise.implicit.imag[0] = nn.Conv2d(2, 8, 1)                        # a replaced submodule
+        torch.testing.assert_close(self._eval_out(m, x), _reference_copy(m).train()(x).detach())
+
+    def test_data_assignment_and_dtype_move(self):
+        m = NIFFDepthwise(2, 'small').eval()
+        x = torch.randn(1, 2, 6, 6)
+        self._eval_out(m, x)
+        w = m.implicit.real[0].weight
+        w.data = w.data * 3
+        torch.testing.assert_close(self._eval_out(m, x), _reference_copy(m).train()(x).detach())
+        m.double()
+        y = self._eval_out(m, x.double())
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, _reference_copy(m).train()(x.double()).detach())
+
+    def test_inference_mode_cache_is_separate(self):
+        m = NIFFDepthwise(2, 'small').eval()
+        with torch.inference_mode(): f_inf = m.filter(5, 5)
+        with torch.no_grad(): f = m.filter(5, 5)
+        assert f_inf.is_inference() and not f.is_inference()
+        m(torch.randn(1, 2, 5, 5)).sum().backward()     # grad mode after inference: still fine
+
+
+def test_reference_path_under_torch_compile(monkeypatch):
+    "While torch.compile traces, the layers use plain ops (Inductor cannot trace fft_filter's in-place DC update)."
+    import niff_nb.layers as L
+    calls = []
+    real = L.fft_filter
+    monkeypatch.setattr(L, 'fft_filter', lambda *a, **k: calls.append(1) or real(*a, **k))
+    m, x = NIFFDepthwise(2, 'small'), torch.randn(1, 2, 6, 6)
+    y = m(x)
+    assert calls == [1]
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    torch.testing.assert_close(m(x), y)
+    assert calls == [1]
+
+
+def test_cache_sees_functional_call_swaps():
+    m, x = NIFFDepthwise(2, 'small').eval(), torch.randn(1, 2, 6, 6)
+    with torch.no_grad():
+        y = m(x)
+        swapped = {n: p.detach() * 2 for n, p in m.named_parameters()}
+        y2 = torch.func.functional_call(m, swapped, (x,))
+        ref = _reference_copy(m)
+        ref.load_state_dict(swapped)
+        torch.testing.assert_close(y2, ref.train()(x))
+        torch.testing.assert_close(m(x), y)                 # the original parameters are back
+
+
+def test_fft_filter_unbatched_gradients():
+    torch.manual_seed(2)
+    x = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(3, 6, 3, dtype=torch.complex128, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fft_filter, (x, f, b))
+    assert torch.autograd.gradcheck(lambda f, b: fft_filter(x.detach(), f, b), (f, b))   # the in-place branch
