@@ -22,9 +22,9 @@ from .padding import PAD_MODES
 # %% auto #0
 __all__ = ['FM_PADDINGS', 'FORMS', 'POLICY_KEYS', 'ARCHS', 'EXTRA_ARCHS', 'VARIANTS', 'STEMS', 'ARCH_MLP', 'PLUGIN_VARIANTS',
            'PAPER_TABLES', 'PAPER_PARAMS', 'n_params', 'conv_kind', 'is_same_size', 'SpatialSeparable', 'NIFFGrouped',
-           'fm_kernel_size', 'embed_kernel', 'feature_map_sizes', 'ConversionReport', 'niffify', 'register_variant',
-           'all_variants', 'variant_converter', 'variant_settings', 'create_model', 'smallcnn', 'param_table',
-           'show_param_table']
+           'fm_kernel_size', 'embed_kernel', 'feature_map_sizes', 'ConversionReport', 'conv_candidates', 'replace_conv',
+           'niffify', 'register_variant', 'all_variants', 'variant_converter', 'variant_settings', 'create_model',
+           'smallcnn', 'param_table', 'show_param_table']
 
 # %% ../nbs/03_convert.ipynb #cd92846d
 def _choice(name, value, choices):
@@ -263,6 +263,32 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
+def conv_candidates(model: nn.Module, stem: bool) -> tuple[list[dict], list[tuple]]:
+    """(report rows, candidates) for replacing the spatial convolutions of `model`: a row for every non-1x1 `Conv2d`,
+    and `(name, conv, row)` for those a same-size replacement may take (stride 1, keeps the map size, not the stem
+    unless `stem`); the row's note says why the others stay. Shared by `niffify` and the peers' conversion."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    stem_name = convs[0][0] if convs else None
+    rows, candidates = [], []
+    for name, conv in convs:
+        if conv.kernel_size == (1, 1): continue
+        row = dict(name=name or '(model)', old=_describe(conv), new=None, before=n_params(conv), after=n_params(conv),
+                   note='', kind='conv')
+        if conv.stride != (1, 1): row['note'] = f"stride {conv.stride[0]}"
+        elif name == stem_name and not stem: row['note'] = 'stem'
+        elif not is_same_size(conv): row['note'] = 'changes the map size'
+        else: candidates.append((name, conv, row))
+        rows.append(row)
+    return rows, candidates
+
+def replace_conv(model: nn.Module, name: str, conv: nn.Conv2d, new: nn.Module) -> nn.Module:
+    "Put `new` where `conv` was (its dtype and train/eval mode); returns the model (`new` itself when `name` is '')."
+    new = new.to(dtype=conv.weight.dtype)
+    new.train(conv.training)
+    if not name: return new
+    _set_submodule(model, name, new)
+    return model
+
 # %% ../nbs/03_convert.ipynb #2b482712
 def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full', bias: bool | None = None,
             keep_1x1: bool = True, boundary: str = 'circular', pad: str | None = None, coords: str = 'cycles', act=None,
@@ -283,22 +309,14 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
     _check_policy(policy, defaults)
     _choice('stem', stem, (True, False))
     if copy: model = _copy.deepcopy(model)
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    stem_name = convs[0][0] if convs else None
-    before, rows, plan = n_params(model), [], []
-    for name, conv in convs:
-        if conv.kernel_size == (1, 1): continue
-        row = dict(name=name or '(model)', old=_describe(conv), new=None, before=n_params(conv), after=n_params(conv),
-                   note='', kind='conv')
-        if conv.stride != (1, 1): row['note'] = f"stride {conv.stride[0]}"
-        elif name == stem_name and not stem: row['note'] = 'stem'
-        elif not is_same_size(conv): row['note'] = 'changes the map size'
-        else:
-            s = _settings_for(policy, name, conv, defaults)
-            if s is None: row['note'] = 'policy'
-            elif s['form'] == 'separated' and conv_kind(conv) == 'depthwise': row['note'] = 'already depthwise'
-            else: plan.append((name, conv, s, row))
-        rows.append(row)
+    before = n_params(model)
+    rows, candidates = conv_candidates(model, stem)
+    plan = []
+    for name, conv, row in candidates:
+        s = _settings_for(policy, name, conv, defaults)
+        if s is None: row['note'] = 'policy'
+        elif s['form'] == 'separated' and conv_kind(conv) == 'depthwise': row['note'] = 'already depthwise'
+        else: plan.append((name, conv, s, row))
     sizes = {}
     if any(s['form'] == 'spatial_fm' for _, _, s, _ in plan):
         if input_size is None:
@@ -308,10 +326,7 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
     for name, conv, s, row in plan:
         with torch.device(conv.weight.device):
             new, desc, carried = _build(conv, s, sizes.get(name))
-        new = new.to(dtype=conv.weight.dtype)
-        new.train(conv.training)
-        if name: _set_submodule(model, name, new)
-        else: model = new
+        model = replace_conv(model, name, conv, new)
         row.update(new=desc, after=n_params(new), note='weights carried' if carried else '')
     report = ConversionReport(rows, before, n_params(model))
     model.niff_report = report

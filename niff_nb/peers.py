@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convert import ConversionReport, conv_kind, feature_map_sizes, is_same_size, n_params, register_variant
+from .convert import (ConversionReport, conv_candidates, conv_kind, feature_map_sizes, n_params, register_variant,
+                             replace_conv)
 from . import cost as _cost
 from .cost import count_flops
 
@@ -355,10 +356,6 @@ class GlobalFilterConv(nn.Sequential):
 PEER_VARIANTS = ('octave', 'ffc', 'gfnet')
 PEER_DEFAULTS = {'octave': dict(alpha=0.5), 'ffc': dict(ratio=0.5), 'gfnet': dict(init='identity')}
 
-def _describe_conv(m: nn.Conv2d) -> str:
-    return f"Conv2d {m.in_channels}→{m.out_channels} {'x'.join(map(str, m.kernel_size))}" + (
-        f" s{m.stride[0]}" if m.stride != (1, 1) else '') + ('' if m.groups == 1 else f" g{m.groups}")
-
 def _build_peer(variant: str, conv: nn.Conv2d, size, kw: dict):
     cin, cout, bias = conv.in_channels, conv.out_channels, conv.bias is not None
     common = dict(dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode)
@@ -394,29 +391,18 @@ def peerify(model: nn.Module, variant: str, *, stem: bool = False, input_size=22
         raise ValueError(f"init={kw['init']!r} is not supported; use one of 'identity', 'gfnet'")
     if stem not in (True, False): raise ValueError(f"stem must be True or False; got {stem!r}")
     if copy: model = _copy.deepcopy(model)
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    stem_name = convs[0][0] if convs else None
-    before, rows, plan = n_params(model), [], []
-    for name, conv in convs:
-        if conv.kernel_size == (1, 1): continue
-        row = dict(name=name or '(model)', old=_describe_conv(conv), new=None, before=n_params(conv), after=n_params(conv),
-                   note='', kind='conv')
-        if conv.stride != (1, 1): row['note'] = f"stride {conv.stride[0]}"
-        elif name == stem_name and not stem: row['note'] = 'stem'
-        elif not is_same_size(conv): row['note'] = 'changes the map size'
-        elif isinstance(conv.padding, str) or any(k % 2 == 0 for k in conv.kernel_size): row['note'] = "even kernel / padding='same'"
+    before = n_params(model)
+    rows, candidates = conv_candidates(model, stem)
+    plan = []
+    for name, conv, row in candidates:
+        if isinstance(conv.padding, str) or any(k % 2 == 0 for k in conv.kernel_size): row['note'] = "even kernel / padding='same'"
         elif variant != 'gfnet' and conv.groups != 1: row['note'] = conv_kind(conv)
         else: plan.append((name, conv, row))
-        rows.append(row)
     sizes = feature_map_sizes(model, input_size) if variant == 'gfnet' and plan else {}
     for name, conv, row in plan:
         with torch.device(conv.weight.device):
             new, desc = _build_peer(variant, conv, sizes.get(name), kw)
-        new = new.to(dtype=conv.weight.dtype)
-        new.train(conv.training)
-        parent, _, child = name.rpartition('.')
-        if name: setattr(model.get_submodule(parent) if parent else model, child, new)
-        else: model = new
+        model = replace_conv(model, name, conv, new)
         row.update(new=desc, after=n_params(new))
     model.niff_report = ConversionReport(rows, before, n_params(model))
     if verbose: print(model.niff_report)
