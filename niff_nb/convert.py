@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .layers import BOUNDARIES, COORDS, MLP_PRESETS, NIFFConv2d, NIFFDepthwise, resolve_mlp
+from .layers import BOUNDARIES, COORDS, MLP_PRESETS, SPECTRA, NIFFConv2d, NIFFDepthwise, resolve_mlp
 from .padding import PAD_MODES
 
 # %% auto #0
@@ -123,7 +123,7 @@ def feature_map_sizes(model: nn.Module, input_size, in_channels: int | None = No
 
 # %% ../nbs/03_convert.ipynb #b24bd48a
 FORMS = ('niff', 'niff_full', 'separated', 'spatial_fm')
-POLICY_KEYS = ('form', 'mlp', 'full_mlp', 'bias', 'keep_1x1', 'boundary', 'pad', 'coords', 'act', 'fm_padding')
+POLICY_KEYS = ('form', 'mlp', 'full_mlp', 'bias', 'keep_1x1', 'boundary', 'pad', 'coords', 'spectrum', 'act', 'fm_padding')
 
 def _check_settings(s: dict, where: str = ''):
     _choice(f'{where}form', s['form'], FORMS)
@@ -133,11 +133,10 @@ def _check_settings(s: dict, where: str = ''):
     _choice(f'{where}boundary', s['boundary'], BOUNDARIES)
     _choice(f'{where}pad', s['pad'], (None,) + PAD_MODES)
     _choice(f'{where}coords', s['coords'], COORDS)
+    _choice(f'{where}spectrum', s['spectrum'], SPECTRA)
     _choice(f'{where}fm_padding', s['fm_padding'], (None,) + FM_PADDINGS)
     if s['boundary'] == 'linear' and s['pad'] is not None:
         raise ValueError(f"{where}pad={s['pad']!r} only applies to boundary='circular'; boundary='linear' already zero-pads")
-    if s['act'] is not None and not callable(s['act']):
-        raise ValueError(f"{where}act must be an activation class such as nn.SiLU, or None; got {s['act']!r}")
 
 def _decision(dec, defaults, name):
     "Turn one policy decision into the settings for layer `name`, or None to keep it spatial."
@@ -225,7 +224,7 @@ def _build(conv: nn.Conv2d, s: dict, size):
     bias = conv.bias is not None if s['bias'] is None else s['bias']
     form, carried = s['form'], False
     if form in ('niff', 'niff_full'):
-        kw = dict(boundary=s['boundary'], pad=s['pad'], coords=s['coords'], act=s['act'])
+        kw = dict(boundary=s['boundary'], pad=s['pad'], coords=s['coords'], act=s['act'], spectrum=s['spectrum'])
         tag = (f", {s['boundary']}" if s['boundary'] != 'circular' else '') + (f", pad={s['pad']}" if s['pad'] else '')
         if kind == 'depthwise' or (kind == 'full' and form == 'niff' and not s['keep_1x1'] and cin == cout):
             new, desc = NIFFDepthwise(cin, s['mlp'], bias=bias, **kw), f"NIFFDepthwise {cin} ({_mlp_name(s['mlp'])}{tag})"
@@ -291,8 +290,8 @@ def replace_conv(model: nn.Module, name: str, conv: nn.Conv2d, new: nn.Module) -
 
 # %% ../nbs/03_convert.ipynb #2b482712
 def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full', bias: bool | None = None,
-            keep_1x1: bool = True, boundary: str = 'circular', pad: str | None = None, coords: str = 'cycles', act=None,
-            stem: bool = False, policy=None, input_size=None, fm_padding: str | None = None, copy: bool = False,
+            keep_1x1: bool = True, boundary: str = 'circular', pad: str | None = None, coords: str = 'index',
+            spectrum: str = 'hermitian', act=None, stem: bool = False, policy=None, input_size=None, fm_padding: str | None = None, copy: bool = False,
             verbose: bool = False) -> nn.Module:
     """Replace every stride-1, size-preserving `nn.Conv2d` with kernel > 1 in `model` by its NIFF (or spatial) form.
 
@@ -304,7 +303,7 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
     which carries a `ConversionReport` as `model.niff_report`."""
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     defaults = dict(form=form, mlp=mlp, full_mlp=full_mlp, bias=bias, keep_1x1=keep_1x1, boundary=boundary, pad=pad,
-                    coords=coords, act=act, fm_padding=fm_padding)
+                    coords=coords, spectrum=spectrum, act=act, fm_padding=fm_padding)
     _check_settings(defaults)
     _check_policy(policy, defaults)
     _choice('stem', stem, (True, False))
@@ -336,7 +335,7 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
 # %% ../nbs/03_convert.ipynb #f7361a9d
 ARCHS = ('resnet18', 'resnet50', 'resnet101', 'densenet121', 'convnext_tiny', 'mobilenet_v2', 'mobilenet_v3_small')
 EXTRA_ARCHS = ('smallcnn',)   # not in the paper: the study's small CNN for 28x28 / 32x32 images
-VARIANTS = ('baseline', 'separated', 'niff', 'niff_full', 'niff_linear', 'niff_pad_zeros', 'niff_pad_reflect',
+VARIANTS = ('baseline', 'separated', 'niff', 'niff_full', 'niff_half', 'niff_linear', 'niff_pad_zeros', 'niff_pad_reflect',
             'niff_pad_circular', 'spatial_fm')
 STEMS = ('imagenet', 'cifar')
 ARCH_MLP = {'resnet18': 'big', 'resnet50': 'big', 'resnet101': 'big', 'convnext_tiny': 'big',
@@ -375,9 +374,10 @@ def variant_settings(variant: str) -> dict:
     _choice('variant', variant, all_variants())
     if variant not in VARIANTS: return dict(plugin=variant, module=PLUGIN_VARIANTS.get(variant))
     if variant == 'baseline': return None
-    if variant.startswith('niff_pad_'): return dict(form='niff', boundary='circular', pad=variant[len('niff_pad_'):])
-    if variant == 'niff_linear': return dict(form='niff', boundary='linear', pad=None)
-    return dict(form=variant, boundary='circular', pad=None)
+    if variant.startswith('niff_pad_'): return dict(form='niff', boundary='circular', pad=variant[len('niff_pad_'):], spectrum='hermitian')
+    if variant == 'niff_linear': return dict(form='niff', boundary='linear', pad=None, spectrum='hermitian')
+    if variant == 'niff_half': return dict(form='niff', boundary='circular', pad=None, spectrum='half')
+    return dict(form=variant, boundary='circular', pad=None, spectrum='hermitian')
 
 def _new_conv(old: nn.Conv2d, **changes) -> nn.Conv2d:
     kw = dict(in_channels=old.in_channels, out_channels=old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
@@ -434,7 +434,7 @@ def _drop_pointwise_bias(model: nn.Module) -> list[dict]:
 # %% ../nbs/03_convert.ipynb #c7e8fc51
 def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str = 'imagenet', in_channels: int = 3,
                  mlp=None, pointwise_bias: bool | None = None, keep_1x1: bool | None = None,
-                 convert_stem: bool | None = None, input_size=None, coords: str = 'cycles',
+                 convert_stem: bool | None = None, input_size=None, coords: str = 'index',
                  fm_padding: str = 'zeros', variant_kw: dict | None = None, device=None, verbose: bool = False) -> nn.Module:
     """One of the paper's models: torchvision's `arch` (weights=None) as `variant`, for `num_classes` classes
     (or the study's `smallcnn`).
@@ -481,7 +481,7 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
     else:
         is_niff = vs['form'].startswith('niff')
         niffify(model, vs['form'], mlp=mlp, bias=False if is_niff else None, keep_1x1=keep_1x1, boundary=vs['boundary'],
-                pad=vs['pad'], coords=coords, stem=convert_stem, input_size=input_size, fm_padding=fm_padding)
+                pad=vs['pad'], coords=coords, spectrum=vs['spectrum'], stem=convert_stem, input_size=input_size, fm_padding=fm_padding)
         if is_niff and not pointwise_bias:
             rows = _drop_pointwise_bias(model)
             model.niff_report.rows += rows

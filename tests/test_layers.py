@@ -130,20 +130,26 @@ def test_gradcheck_float64(kind, boundary, pad):
     assert torch.autograd.gradcheck(f, (x,) + params, eps=1e-6, atol=1e-5)
 
 
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_autocast_runs_fft_in_float32_and_returns_input_dtype(dtype):
+def test_autocast_runs_fft_in_float32(device, dtype):
+    "The FFT part returns the input's dtype; the separated block's spatial 1x1 follows autocast like nn.Conv2d."
     torch.manual_seed(0)
-    m = NIFFConv2d(4, 6)
-    x = torch.randn(2, 4, 9, 7)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        y = m(x.to(dtype))
-        y32 = m(x)
-    assert y.dtype == dtype and y32.dtype == torch.float32
-    assert rel_err(y.float(), m(x)) < 2e-2
-    assert rel_err(y32, m(x)) < 1e-6
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        f = m.filter(9, 7)
+    dw, sep = NIFFDepthwise(4).to(device), NIFFConv2d(4, 6).to(device)
+    x = torch.randn(2, 4, 14, 9, device=device)     # 14x9: not a power of two, which cuFFT half precision cannot do
+    amp = torch.bfloat16 if device == 'cpu' else dtype
+    with torch.autocast(device, dtype=amp):
+        yd, yd32 = dw(x.to(dtype)), dw(x)
+        ys = sep(x.to(dtype).to(memory_format=torch.channels_last))
+        f = sep.filter(14, 9)
+    assert yd.dtype == dtype and yd32.dtype == torch.float32 and ys.dtype == amp
     assert f.dtype == torch.complex64
+    # half precision rounds inputs and 1x1 weights to 8 (bf16) or 11 (fp16) bits: a few 2^-8 relative at most
+    assert rel_err(yd.float(), dw(x)) < 2e-2 and rel_err(ys.float(), sep(x)) < 2e-2
+    assert rel_err(yd32, dw(x)) < 1e-6
 
 
 def test_half_input_without_autocast():
@@ -170,20 +176,21 @@ def test_same_weights_any_size_and_no_state_from_first_input():
     assert torch.equal(a, b)
 
 
-def test_index_coordinates_option():
-    g = freq_grid(5, 6, coords='index')
-    assert g[0, :, 0].tolist() == [0, 1, 2, -2, -1] and g[1, 0].tolist() == [0, 1, 2, 3]
-    m = NIFFDepthwise(2, coords='index', bias=False).double()
+def test_index_coordinates_are_the_default():
+    g = freq_grid(5, 6)
+    assert g[1, :, 0].tolist() == [0, 1, 2, -2, -1] and g[0, 0].tolist() == [0, 1, 2, -3]   # Nyquist column at -N/2
+    m = NIFFDepthwise(2, bias=False).double()
+    assert m.implicit.coords == 'index' and m.implicit.spectrum == 'hermitian'
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(m(x), circular_conv2d(x, m.spatial_kernel(6, 6), groups=2)) < 1e-6
+        assert rel_err(m(x), circular_conv2d(x, m.spatial_kernel(6, 6), groups=2)) < 1e-10
 
 
-def test_grid_is_not_an_inference_tensor():
-    with torch.inference_mode():
-        g = freq_grid(3, 31)
-    assert not g.is_inference()
+def test_cached_grid_survives_inference_mode():
     m = NIFFDepthwise(2, 'small')
+    with torch.inference_mode():
+        m(torch.randn(1, 2, 3, 31))
+        freq_grid(3, 31)
     m(torch.randn(1, 2, 3, 31)).sum().backward()   # would fail if the cached grid were an inference tensor
 
 
@@ -191,8 +198,10 @@ class TestFilterCache:
     def test_reused_in_eval_no_grad(self):
         m = NIFFDepthwise(4, 'small').eval()
         with torch.no_grad():
-            assert m.filter(8, 8) is m.filter(8, 8)
-            assert m.filter(8, 8) is not m.filter(8, 9)
+            assert m._filter(8, 8) is m._filter(8, 8)
+            assert m._filter(8, 8) is not m._filter(8, 9)
+            a, b = m.filter(8, 8), m.filter(8, 8)       # the public getter hands out copies
+            assert a is not b and torch.equal(a, b)
 
     def test_not_cached_in_training_or_with_grad(self):
         m = NIFFDepthwise(4, 'small')
@@ -267,7 +276,10 @@ def test_paper_block_parameter_counts():
     (lambda: NIFFConv2d(3, 3, boundary='periodic'), ValueError, "boundary='periodic'.*'circular', 'linear'"),
     (lambda: NIFFConv2d(3, 3, pad='edge'), ValueError, "'zeros', 'reflect', 'circular'"),
     (lambda: NIFFConv2d(3, 3, boundary='linear', pad='zeros'), ValueError, 'boundary'),
-    (lambda: NIFFDepthwise(3, coords='pixels'), ValueError, "'cycles', 'index'"),
+    (lambda: NIFFDepthwise(3, coords='pixels'), ValueError, "'index', 'cycles', 'official'"),
+    (lambda: NIFFDepthwise(3, spectrum='full'), ValueError, "'hermitian', 'half'"),
+    (lambda: NIFFDepthwise(3, act=nn.ReLU()), TypeError, 'not an instance'),
+    (lambda: NIFFDepthwise(3, act='swish'), ValueError, "'silu', 'relu'"),
     (lambda: NIFFDepthwise(0), ValueError, 'in_channels must be a positive int'),
     (lambda: NIFFConv2d(3, -1), ValueError, 'out_channels must be a positive int'),
     (lambda: NIFFDepthwise(3).filter(0, 4), ValueError, 'h must be a positive int'),
@@ -283,25 +295,14 @@ def test_niff_demo_cli(capsys):
     niff_demo_cli(['--channels', '4'])
     out = capsys.readouterr().out
     assert 'NIFFDepthwise' in out and '56x56' in out
-    errors = [float(t) for line in out.splitlines() if line.startswith(('NIFFDepthwise', 'NIFFConv2d')) for t in line.split()[-6:]]
-    assert len(errors) == 18 and max(errors) < 1e-6
+    rows = [line for line in out.splitlines() if line.startswith(('NIFFDepthwise', 'NIFFConv2d'))]
+    errors = [float(t) for line in rows for t in line.split()[-18:] if t != '|']
+    assert len(rows) == 3 and len(errors) == 36 and max(errors) < 1e-10
     with pytest.raises(SystemExit):
         niff_demo_cli(['--channels', '0'])
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-
-
-@cuda
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_cuda_autocast_and_channels_last(dtype):
-    torch.manual_seed(0)
-    m = NIFFConv2d(8, 12).cuda()
-    x = torch.randn(2, 8, 14, 9, device='cuda')          # 14x9: not a power of two, which cuFFT half cannot do
-    with torch.autocast('cuda', dtype=dtype):
-        y = m(x.to(dtype).to(memory_format=torch.channels_last))
-    assert y.dtype == dtype and y.is_cuda
-    assert rel_err(y.float(), m(x)) < 2e-2
 
 
 @cuda
@@ -317,7 +318,7 @@ def test_cuda_matches_cpu_and_caches_per_device():
     assert rel_err(y_gpu.cpu(), y_cpu) < 1e-5
 
 
-# --- issue 6: the fused fft_filter path and the eval filter cache ------------------------------------------------
+# --- the fused fft_filter path and the eval filter cache ---------------------------------------------------------
 from niff_nb.layers import fft_filter
 
 
@@ -379,12 +380,17 @@ def test_fft_filter_without_grad_and_broadcast_filter():
     assert fg.grad.shape == f.shape
 
 
-def test_fused_path_is_used_and_channels_last():
-    m = NIFFDepthwise(4, 'small')
-    x = torch.randn(2, 4, 9, 9)
-    assert m.fused and m._fusable()
+@pytest.mark.parametrize('make_layer,fused', [(lambda: NIFFDepthwise(4, 'small'), True),
+                                               (lambda: NIFFConv2d(4, 4, 'small'), True),
+                                               (lambda: NIFFConv2d(4, 2, 'small'), False),
+                                               (lambda: NIFFConv2d(4, 4, full=True), False)])
+def test_fused_path_is_used_where_it_applies_and_channels_last(monkeypatch, make_layer, fused):
+    import niff_nb.layers as L
+    calls, real = [], L.fft_filter
+    monkeypatch.setattr(L, 'fft_filter', lambda *a, **k: calls.append(1) or real(*a, **k))
+    m, x = make_layer(), torch.randn(2, 4, 9, 9)
     torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), m(x), rtol=1e-5, atol=1e-6)
-    assert not NIFFConv2d(4, 4, full=True)._fusable() and not NIFFConv2d(4, 2)._fusable()
+    assert bool(calls) == fused
 
 
 class TestCacheNeverStale:
@@ -470,3 +476,209 @@ def test_fft_filter_unbatched_gradients():
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fft_filter, (x, f, b))
     assert torch.autograd.gradcheck(lambda f, b: fft_filter(x.detach(), f, b), (f, b))   # the in-place branch
+
+
+# --- the paper's operator, written independently of niff_nb.layers ---------------------------------------------------
+def _labels(n, official=False):
+    "Integer frequency labels of n bins in FFT order, the Nyquist bin at -n/2 (the paper's code: k - 0.5 for odd n)."
+    k = torch.cat([torch.arange(0, (n + 1) // 2), torch.arange(-(n // 2), 0)]).double()
+    return k - 0.5 if official and n % 2 else k
+
+
+def _mlp_response(implicit, h, w, official=False):
+    "W = MLP_re + i MLP_im on the full grid, channel 0 horizontal, evaluated with the nn.Sequential 1x1 convolutions."
+    gy, gx = torch.meshgrid(_labels(h, official), _labels(w, official), indexing='ij')
+    grid = torch.stack([gx, gy])[None].to(implicit.real[0].weight.dtype)
+    return torch.complex(implicit.real(grid)[0], implicit.imag(grid)[0])
+
+
+def _paper_operator(layer, x, official=False):
+    "Re ifft2(W ⊙ fft2 x) on the full grid, for the depthwise, separated and full layers."
+    h, w = x.shape[-2:]
+    X = torch.fft.fft2(x)
+    if isinstance(layer, NIFFDepthwise):
+        Z = X * _mlp_response(layer.implicit, h, w, official)
+    elif layer.full:
+        W = _mlp_response(layer.implicit, h, w, official).reshape(layer.out_channels, layer.in_channels, h, w)
+        Z = (X[:, None] * W[None]).sum(2)
+    else:
+        Z = X * _mlp_response(layer.depthwise.implicit, h, w, official)
+        Z = (layer.pointwise.weight[None, :, :, 0, 0, None, None] * Z[:, None]).sum(2)
+    y = torch.fft.ifft2(Z).real
+    return y if layer.bias is None else y + layer.bias[:, None, None]
+
+
+PAPER_SIZES = [(7, 7), (8, 8), (9, 12), (12, 9), (16, 5), (1, 6), (5, 1), (2, 2), (28, 28)]
+
+
+@pytest.mark.parametrize('kind', ['depthwise', 'separated_up', 'separated_down', 'full'])
+@pytest.mark.parametrize('size', PAPER_SIZES)
+def test_default_layers_equal_the_papers_operator(kind, size):
+    torch.manual_seed(sum(size))
+    m = {'depthwise': lambda: NIFFDepthwise(3, 'big'), 'separated_up': lambda: NIFFConv2d(3, 5),
+         'separated_down': lambda: NIFFConv2d(3, 2, 'small'), 'full': lambda: NIFFConv2d(3, 4, full=True)}[kind]().double()
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(0.05 * torch.randn_like(p))      # non-zero biases everywhere
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        for mode in ('train', 'eval'):
+            getattr(m, mode)()
+            assert rel_err(m(x), _paper_operator(m, x)) < 1e-10
+
+
+@pytest.mark.parametrize('size', [(7, 7), (8, 8), (14, 14), (9, 9)])
+def test_official_coordinates_reproduce_the_papers_grid(size):
+    torch.manual_seed(0)
+    m = NIFFDepthwise(4, 'small', bias=False, coords='official').double()
+    x = torch.randn(1, 4, *size, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(m(x), _paper_operator(m, x, official=True)) < 1e-10
+        if size[0] % 2:                                                    # odd sizes: half-integer labels differ
+            ref = NIFFDepthwise(4, 'small', bias=False).double(); ref.load_state_dict(m.state_dict())
+            assert rel_err(ref(x), m(x)) > 1e-3
+
+
+@pytest.mark.parametrize('coords', ['index', 'cycles', 'official'])
+@pytest.mark.parametrize('size', [(7, 7), (8, 6), (9, 12), (1, 4)])
+def test_filter_is_hermitian_so_kernels_are_real(coords, size):
+    h, w = size
+    m = NIFFDepthwise(3, 'small', coords=coords).double()
+    with torch.no_grad():
+        H = m.filter(h, w)
+        full = torch.fft.fft2(torch.fft.ifftshift(m.spatial_kernel(h, w), dim=(-2, -1)))   # the spectrum of the real kernel
+        assert rel_err(full[..., : w // 2 + 1], H) < 1e-10            # irfft2 dropped nothing: H is exactly Hermitian
+
+
+@pytest.mark.parametrize('size', [(8, 8), (9, 12), (7, 5)])
+def test_half_spectrum_ablation(size):
+    "spectrum='half' is another operator (F = H + sgn(kx)·A), and equals its own spatial kernel."
+    h, w = size
+    torch.manual_seed(1)
+    herm = NIFFDepthwise(3, 'small', bias=False).double()
+    half = NIFFDepthwise(3, 'small', bias=False, spectrum='half').double(); half.load_state_dict(herm.state_dict())
+    x = torch.randn(1, 3, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(half(x), circular_conv2d(x, half.spatial_kernel(h, w), groups=3)) < 1e-10
+        assert rel_err(half(x), herm(x)) > 1e-3
+        W = _mlp_response(herm.implicit, h, w)
+        Wm = torch.roll(W.flip(-2, -1), (1, 1), (-2, -1))
+        H, A = (W + Wm.conj()) / 2, (W - Wm.conj()) / 2
+        sgn = torch.sign(torch.fft.fftfreq(w, dtype=torch.float64))
+        if w % 2 == 0: sgn[w // 2] = 0
+        F_half = torch.fft.fft2(torch.fft.ifftshift(half.spatial_kernel(h, w), dim=(-2, -1)))
+        assert rel_err(F_half, H + sgn * A) < 1e-10
+
+
+# --- the filter cache: never stale, bounded, no global state -----------------------------------------------------------
+def test_cache_sees_edits_through_data():
+    m, x = NIFFConv2d(3, 3, 'small').eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        m(x)
+        m.depthwise.implicit.real[-1].weight.data.mul_(0.5)    # legacy EMA code edits .data: no version bump
+        m.pointwise.weight.data.add_(1.0)
+        torch.testing.assert_close(m(x), _reference_copy(m).train()(x))
+        for p in m.parameters(): p.data.copy_(torch.randn_like(p))
+        torch.testing.assert_close(m(x), _reference_copy(m).train()(x))
+
+
+def test_cache_is_bounded_least_recently_used():
+    m = NIFFDepthwise(2, 'small').eval()
+    with torch.no_grad():
+        for n in range(4, 4 + 3 * m.cache_size): m(torch.randn(1, 2, n, n))
+        assert len(m._cache.entries) == m.cache_size
+        keys = [k[:2] for k in m._cache.entries]
+        last = 4 + 3 * m.cache_size - 1
+        assert keys == [(n, n) for n in range(last - m.cache_size + 1, last + 1)]
+
+
+def test_public_tensors_are_the_callers_own():
+    g = freq_grid(6, 6); g.fill_(7)
+    assert freq_grid(6, 6)[0, 0, 1].item() == 1.0
+    m = NIFFDepthwise(2, 'small').eval()
+    with torch.no_grad():
+        f = m.filter(6, 6); ref = f.clone(); f.zero_()
+        assert torch.equal(m.filter(6, 6), ref)
+        y = m(torch.ones(1, 2, 6, 6))
+        k = m.spatial_kernel(6, 6); k.zero_()
+        assert torch.equal(m(torch.ones(1, 2, 6, 6)), y)
+
+
+def test_import_installs_no_global_hooks():
+    import subprocess, sys
+    code = ("import torch.nn.modules.module as M; before = (len(M._global_module_registration_hooks), "
+            "len(M._global_parameter_registration_hooks), len(M._global_forward_hooks)); import niff_nb.layers, niff_nb.convert; "
+            "after = (len(M._global_module_registration_hooks), len(M._global_parameter_registration_hooks), "
+            "len(M._global_forward_hooks)); print(before == after)")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == 'True'
+
+
+# --- precision, empty batches, second derivatives, tracing ------------------------------------------------------------
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('make_layer', [lambda: NIFFDepthwise(4), lambda: NIFFConv2d(4, 6), lambda: NIFFConv2d(4, 2),
+                                        lambda: NIFFConv2d(4, 3, full=True)])
+def test_half_precision_models_run(dtype, make_layer):
+    torch.manual_seed(0)
+    m = make_layer()
+    ref = copy_of = __import__('copy').deepcopy(m)
+    m = m.to(dtype)
+    x = torch.randn(2, 4, 10, 7)
+    y = m(x.to(dtype))
+    assert y.dtype == dtype and m.filter(10, 7).dtype == torch.complex64
+    assert rel_err(y.float(), ref(x)) < 3e-2          # weights and inputs rounded to half precision
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in m.parameters())
+
+
+@pytest.mark.parametrize('make_layer,cout', [(lambda: NIFFDepthwise(4), 4), (lambda: NIFFConv2d(4, 6), 6),
+                                             (lambda: NIFFConv2d(4, 2, boundary='linear'), 2),
+                                             (lambda: NIFFConv2d(4, 3, full=True, pad='reflect'), 3),
+                                             (lambda: FreqPointwise(4, 5), 5)])
+def test_empty_batch_gives_empty_output(make_layer, cout):
+    m = make_layer()
+    x = torch.randn(0, 4, 9, 8, requires_grad=True)
+    y = m(x)
+    assert y.shape == (0, cout, 9, 8)
+    conv = nn.Conv2d(4, cout, 3, padding=1)
+    assert conv(x).shape == y.shape
+    assert fft_filter(torch.randn(0, 4, 9, 8), torch.ones(4, 9, 5, dtype=torch.complex64)).shape == (0, 4, 9, 8)
+
+
+def test_double_backward_says_how():
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    m = NIFFDepthwise(3, 'small')
+    with pytest.raises(RuntimeError, match=r'fused = False'):
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    m.fused = False
+    g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    hv, = torch.autograd.grad(g.sum(), x)
+    assert hv.shape == x.shape and torch.isfinite(hv).all()
+
+
+@pytest.mark.parametrize('make_layer', [lambda: NIFFDepthwise(3, 'small'), lambda: NIFFConv2d(3, 4),
+                                        lambda: NIFFConv2d(3, 2, full=True, boundary='linear')])
+def test_jit_trace_follows_parameter_changes(make_layer):
+    import warnings
+    m = make_layer().eval()
+    x = torch.randn(2, 3, 9, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        traced = torch.jit.trace(m, x, check_trace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), m(x))
+        for p in m.parameters(): p.add_(0.1)
+        torch.testing.assert_close(traced(x), m(x))
+
+
+@pytest.mark.parametrize('act', ['relu', 'GELU', nn.Tanh])
+def test_activation_by_name_or_class(act):
+    m = NIFFDepthwise(3, (6,), act=act)
+    assert isinstance(m.implicit.real[1], (nn.ReLU, nn.GELU, nn.Tanh))
+    assert m(torch.randn(1, 3, 5, 5)).shape == (1, 3, 5, 5)
+
+
+def test_parametrised_activation_runs_per_mlp():
+    m = NIFFDepthwise(3, (6,), act=nn.PReLU).double()
+    with torch.no_grad(): m.implicit.imag[1].weight.fill_(-2.0)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(m(x), _paper_operator(m.eval(), x)) < 1e-10
