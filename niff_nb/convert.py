@@ -10,7 +10,7 @@ import copy as _copy
 import fnmatch
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -266,26 +266,30 @@ def conv_candidates(model: nn.Module, stem: bool) -> tuple[list[dict], list[tupl
     """(report rows, candidates) for replacing the spatial convolutions of `model`: a row for every non-1x1 `Conv2d`,
     and `(name, conv, row)` for those a same-size replacement may take (stride 1, keeps the map size, not the stem
     unless `stem`); the row's note says why the others stay. Shared by `niffify` and the peers' conversion."""
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = {}                                    # a module used in several places is converted once, everywhere
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Conv2d): names.setdefault(m, []).append(n)
+    convs = [(ns[0], m) for m, ns in names.items()]
     stem_name = convs[0][0] if convs else None
     rows, candidates = [], []
     for name, conv in convs:
         if conv.kernel_size == (1, 1): continue
         row = dict(name=name or '(model)', old=_describe(conv), new=None, before=n_params(conv), after=n_params(conv),
-                   note='', kind='conv')
-        if conv.stride != (1, 1): row['note'] = f"stride {conv.stride[0]}"
+                   note='', kind='conv', shared=names[conv][1:])
+        if type(conv).forward is not nn.Conv2d.forward: row['note'] = f"custom forward ({type(conv).__name__})"
+        elif conv.stride != (1, 1): row['note'] = f"stride {conv.stride[0]}"
         elif name == stem_name and not stem: row['note'] = 'stem'
         elif not is_same_size(conv): row['note'] = 'changes the map size'
         else: candidates.append((name, conv, row))
         rows.append(row)
     return rows, candidates
 
-def replace_conv(model: nn.Module, name: str, conv: nn.Conv2d, new: nn.Module) -> nn.Module:
-    "Put `new` where `conv` was (its dtype and train/eval mode); returns the model (`new` itself when `name` is '')."
+def replace_conv(model: nn.Module, name: str, conv: nn.Conv2d, new: nn.Module, shared: Sequence[str] = ()) -> nn.Module:
+    "Put `new` where `conv` was, also at the `shared` names of the same module (its dtype and train/eval mode); returns the model."
     new = new.to(dtype=conv.weight.dtype)
     new.train(conv.training)
     if not name: return new
-    _set_submodule(model, name, new)
+    for n in (name, *shared): _set_submodule(model, n, new)
     return model
 
 # %% ../nbs/03_convert.ipynb #2b482712
@@ -325,8 +329,10 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
     for name, conv, s, row in plan:
         with torch.device(conv.weight.device):
             new, desc, carried = _build(conv, s, sizes.get(name))
-        model = replace_conv(model, name, conv, new)
-        row.update(new=desc, after=n_params(new), note='weights carried' if carried else '')
+        model = replace_conv(model, name, conv, new, row['shared'])
+        note = 'weights carried' if carried else ''
+        if row['shared']: note = '; '.join(filter(None, (note, f"shared with {', '.join(row['shared'])}")))
+        row.update(new=desc, after=n_params(new), note=note)
     report = ConversionReport(rows, before, n_params(model))
     model.niff_report = report
     if verbose: print(report)

@@ -402,7 +402,7 @@ def peerify(model: nn.Module, variant: str, *, stem: bool = False, input_size=22
     for name, conv, row in plan:
         with torch.device(conv.weight.device):
             new, desc = _build_peer(variant, conv, sizes.get(name), kw)
-        model = replace_conv(model, name, conv, new)
+        model = replace_conv(model, name, conv, new, row['shared'])
         row.update(new=desc, after=n_params(new))
     model.niff_report = ConversionReport(rows, before, n_params(model))
     if verbose: print(model.niff_report)

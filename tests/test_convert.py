@@ -409,3 +409,31 @@ def test_plugin_module_missing_registration_is_reported(monkeypatch):
     from niff_nb import convert as C
     monkeypatch.setitem(C.PLUGIN_VARIANTS, 'ghost_variant', 'niff_nb.padding')     # importable, registers nothing
     with pytest.raises(ImportError, match='ghost_variant'): create_model('smallcnn', 'ghost_variant', device='meta')
+
+
+def test_a_conv_used_twice_is_converted_once_and_stays_shared():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), conv, nn.ReLU(), conv)   # one module, two places
+    niffify(model)
+    assert model[1] is model[3] and isinstance(model[1], NIFFConv2d)
+    row = next(r for r in model.niff_report.rows if r['name'] == '1')
+    assert 'shared with 3' in row['note']
+    assert sum(p.numel() for p in model.parameters()) == model.niff_report.after
+    assert model(torch.randn(1, 1, 8, 8)).shape == (1, 4, 8, 8)
+
+
+def test_a_conv_subclass_with_its_own_forward_is_left_alone():
+    class WeightStandardised(nn.Conv2d):
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+            return self._conv_forward(x, w, self.bias)
+
+    class PlainSubclass(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), WeightStandardised(4, 4, 3, padding=1), PlainSubclass(4, 4, 3, padding=1))
+    niffify(model)
+    assert type(model[1]) is WeightStandardised
+    assert isinstance(model[2], NIFFConv2d)                    # no forward of its own: an ordinary convolution
+    row = next(r for r in model.niff_report.rows if r['name'] == '1')
+    assert 'custom forward (WeightStandardised)' in row['note']
