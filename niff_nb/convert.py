@@ -348,7 +348,9 @@ ARCH_MLP = {'resnet18': 'big', 'resnet50': 'big', 'resnet101': 'big', 'convnext_
             'densenet121': 'small', 'mobilenet_v2': 'small', 'mobilenet_v3_small': 'small', 'smallcnn': 'cifar'}
 
 # Variants that live in later modules (which must not be imported here at import time): name -> providing module.
-PLUGIN_VARIANTS = {'octave': 'niff_nb.peers', 'ffc': 'niff_nb.peers', 'gfnet': 'niff_nb.peers'}
+PLUGIN_VARIANTS = {'octave': 'niff_nb.peers', 'ffc': 'niff_nb.peers', 'gfnet': 'niff_nb.peers',
+                   **{v: 'niff_nb.freqmodules' for v in ('niff_flc', 'niff_cbn', 'niff_fhead', 'niff_flc_cbn', 'niff_flc_fhead',
+                                                       'niff_cbn_fhead', 'niff_flc_cbn_fhead')}}
 _CONVERTERS: dict[str, Callable] = {}
 
 def register_variant(name: str, convert: Callable, module: str | None = None):
