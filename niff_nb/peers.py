@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from .convert import (ConversionReport, conv_candidates, conv_kind, feature_map_sizes, n_params, register_variant,
                              replace_conv)
-from . import cost as _cost
 from .cost import count_flops
 
 # %% auto #0
@@ -413,13 +412,4 @@ def _peer_converter(variant):
     convert.__name__ = convert.__qualname__ = f"peerify_{variant}"
     return convert
 
-def _bench_builder(variant):
-    def build(arch, num_classes=10, input_size=112):
-        from niff_nb.convert import create_model
-        return create_model(arch, variant, num_classes, input_size=input_size)
-    return build
-
 for _v in PEER_VARIANTS: register_variant(_v, _peer_converter(_v), __name__)
-# niff_nb.cost's `niff_bench` / `model_benchmark` look plugin variants up in its own `MODEL_BUILDERS` table.
-for _v in PEER_VARIANTS:
-    if isinstance(getattr(_cost, 'MODEL_BUILDERS', None), dict): _cost.MODEL_BUILDERS.setdefault(_v, _bench_builder(_v))

@@ -1,4 +1,4 @@
-"Tests of niff_nb.cost: FLOP formulas on known cases, the benchmark's structure, niff_bench's CLI. Timings are never asserted."
+"Tests of niff_nb.cost (FLOP formulas on known cases) and niff_nb.bench (the benchmark's structure, niff_bench's CLI). Timings are never asserted."
 import statistics
 import subprocess
 import sys
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from fastcore.test import test_eq as eq_, test_fail as fail_
-from niff_nb import cost
-from niff_nb.cost import (BenchResult, FlopCount, RawFFTFilter, benchmark, build_model, count_flops, fft_flops, layer_flops,
-                          model_benchmark, niff_bench)
+from niff_nb import bench, cost
+from niff_nb.bench import BenchResult, RawFFTFilter, benchmark, model_benchmark, niff_bench
+from niff_nb.cost import FlopCount, count_flops, fft_flops, layer_flops
 from niff_nb.layers import NIFFConv2d, NIFFDepthwise
 
 
@@ -165,27 +165,43 @@ def test_raw_filter_plain_equals_fused():
 
 
 def test_layer_and_model_benchmarks_small():
-    r = cost.layer_benchmark(8, 4, 2, modes=('forward', 'train_dx'), spatial=True, repeats=2, warmup=1, threads=1)
+    r = bench.layer_benchmark(8, 4, 2, modes=('forward', 'train_dx'), spatial=True, repeats=2, warmup=1, threads=1)
     eq_(r.baseline, 'raw filter')
     assert {'NIFFDepthwise', 'conv 3x3 (dw)', 'spatial 9x9 (dw)', 'raw filter (fft_filter)'} <= set(r.names)
     m = model_benchmark('smallcnn', ('baseline', 'niff'), batch=2, size=16, repeats=2, warmup=0, threads=1)
     eq_(m.names, ['baseline', 'niff']); eq_(m.ratio('baseline', 'train'), 1.0)
     assert m.extra['niff']['params'] < m.extra['baseline']['params'] * 10 and m.extra['niff']['gflops'] > 0
-    assert 'smallcnn niff' in cost.model_table({'smallcnn': m})
+    assert 'smallcnn niff' in bench.model_table({'smallcnn': m})
     fail_(lambda: model_benchmark('smallcnn', 'niff'), contains='variants must be')
 
 
-def test_build_model_registry():
-    from niff_nb.convert import VARIANTS
-    assert set(VARIANTS) <= set(cost.known_variants())
-    fail_(lambda: build_model('smallcnn', 'nope'), contains="variant='nope' is not supported")
-    cost.MODEL_BUILDERS['tiny_test'] = lambda arch, num_classes, input_size: nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+def test_benchmarks_use_the_one_model_registry():
+    from niff_nb import convert
+    fail_(lambda: model_benchmark('smallcnn', ('baseline', 'nope')), contains="variants='nope' is not supported")
+    def tiny(model, *, stem=False, input_size=None):
+        model.niff_report = convert.ConversionReport([], 0, 0)
+        return model
+    convert.register_variant('tiny_bench_test', tiny)
     try:
-        assert 'tiny_test' in cost.known_variants()
-        m = build_model('smallcnn', 'tiny_test', num_classes=3)
-        eq_(m(torch.randn(2, 3, 4, 4)).shape, (2, 3))
+        m = model_benchmark('smallcnn', ('baseline', 'tiny_bench_test'), batch=2, size=16, repeats=1, warmup=0, threads=1, flops=False)
+        eq_(m.names, ['baseline', 'tiny_bench_test'])
     finally:
-        del cost.MODEL_BUILDERS['tiny_test']
+        del convert._CONVERTERS['tiny_bench_test']
+
+
+def test_old_cost_names_still_import():
+    from niff_nb.cost import benchmark as b1, niff_bench as n1, TARGETS
+    assert b1 is bench.benchmark and n1 is bench.niff_bench and TARGETS is bench.TARGETS
+    with pytest.raises(AttributeError): cost.no_such_name
+
+
+def test_paper_convention_counts_full_complex_ffts():
+    r = layer_flops(14, channels=8, batch=3)
+    eq_(r["NIFF (paper's code)"] - r['NIFF MLP'], 2 * fft_flops(14 * 14, real=False, batch=24) + 6 * 24 * 14 * 14)
+    eq_(r['NIFF'] - r['NIFF without FFTs'], 2 * fft_flops(14 * 14, batch=24))
+    x = torch.randn(2, 8, 14, 14, dtype=torch.float64)
+    layer = __import__('niff_nb.layers', fromlist=['NIFFDepthwise']).NIFFDepthwise(8, 'small', bias=False).double()
+    with torch.no_grad(): torch.testing.assert_close(cost.paper_form(layer)(x), layer(x))   # the same operator
 
 
 # --- niff_bench ----------------------------------------------------------------------------------------------------
@@ -207,21 +223,50 @@ def test_niff_bench_bad_args_exit_2(argv, capsys):
 
 
 def test_niff_bench_console_script():
-    out = subprocess.run([sys.executable, '-c', 'import sys; from niff_nb.cost import niff_bench; niff_bench(sys.argv[1:])', '--help'],
+    out = subprocess.run([sys.executable, '-c', 'import sys; from niff_nb.bench import niff_bench; niff_bench(sys.argv[1:])', '--help'],
                          capture_output=True, text=True, timeout=120)
     eq_(out.returncode, 0)
     for opt in ('--archs', '--variants', '--quick', '--device', '--spatial'): assert opt in out.stdout
 
 
 def test_targets_declared():
-    eq_(set(cost.TARGETS), {'niff_vs_raw_train', 'niff_vs_raw_eval_b1', 'spatial_vs_niff_28', 'resnet18_niff_vs_baseline'})
-    for desc, op, goal in cost.TARGETS.values(): assert op in ('<=', '>=') and goal > 0
+    eq_(set(bench.TARGETS), {'niff_vs_raw_train', 'niff_vs_raw_eval_b1', 'spatial_vs_niff_28', 'resnet18_niff_vs_baseline'})
+    for desc, op, goal in bench.TARGETS.values(): assert op in ('<=', '>=') and goal > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-def test_benchmark_cuda():
-    conv, x = nn.Conv2d(4, 4, 3, padding=1).cuda(), torch.randn(2, 4, 16, 16, device='cuda')
-    r = benchmark({'conv': conv, 'niff': NIFFDepthwise(4, 'small').cuda()}, x, repeats=3, warmup=1)
-    eq_(r.info['device'], 'cuda:0')
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_benchmark_on_each_device(device):
+    conv, x = nn.Conv2d(4, 4, 3, padding=1).to(device), torch.randn(2, 4, 16, 16, device=device)
+    r = benchmark({'conv': conv, 'niff': NIFFDepthwise(4, 'small').to(device)}, x, repeats=3, warmup=1)
+    eq_(r.info['device'], str(x.device))
     assert r.memory['train']['niff'] > 0
-    eq_(count_flops(conv, x).by_op['convolution'], 2 * 2 * 16 * 9 * 4 * 256)
+    eq_(count_flops(conv, x).by_op['convolution'], 2 * (2 * 4 * 16 * 16) * (4 * 9))      # 2 · outputs · (Cin · 3 · 3)
+    fail_(lambda: count_flops(nn.Identity(), torch.zeros(1, device=device), backward=True), contains='requires grad')
+    with torch.device('meta'):
+        m, xm = NIFFConv2d(4, 4, 'small'), torch.empty(1, 4, 16, 16)
+    assert count_flops(m, xm) > 0
+    assert torch.backends.cudnn.benchmark is False            # the autotuner is switched on for CUDA runs only, and restored
+
+
+def test_cuda_timer_measures_the_device_it_is_given(monkeypatch):
+    "Events and synchronisation must act on the measured device, not the current one (cuda:0), e.g. for --device cuda:1."
+    log = []
+    class Event:
+        def __init__(self, enable_timing): pass
+        def record(self): log.append(('record', current[0]))
+        def synchronize(self): pass
+        def elapsed_time(self, other): return 5.0
+    current = ['cuda:0']
+    class device_ctx:
+        def __init__(self, d): self.d = str(d)
+        def __enter__(self): self.old = current[0]; current[0] = self.d
+        def __exit__(self, *a): current[0] = self.old
+    monkeypatch.setattr(torch.cuda, 'Event', Event)
+    monkeypatch.setattr(torch.cuda, 'device', device_ctx)
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda d=None: log.append(('sync', str(d))))
+    t = bench._timer(torch.device('cuda:1'))
+    eq_(t(lambda: None), 0.005)
+    eq_(log, [('sync', 'cuda:1'), ('record', 'cuda:1'), ('record', 'cuda:1')])

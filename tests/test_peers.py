@@ -379,12 +379,13 @@ def test_bad_inputs():
 
 
 def test_cost_tools_see_the_variants():
-    from niff_nb import cost
+    from niff_nb.bench import model_benchmark
+    from niff_nb.convert import all_variants
     from niff_nb.cost import count_flops
-    for v in PEER_VARIANTS: assert v in cost.MODEL_BUILDERS
+    for v in PEER_VARIANTS: assert v in all_variants()
     base = count_flops(create_model('smallcnn', 'baseline', 10, in_channels=1, device='meta'), torch.empty(1, 1, 28, 28, device='meta'))
     f = {v: count_flops(create_model('smallcnn', v, 10, in_channels=1, input_size=28, device='meta'),
                         torch.empty(1, 1, 28, 28, device='meta')) for v in PEER_VARIANTS}
     assert f['octave'] < base and f['ffc'] < base and f['gfnet'].fft > 0 and f['ffc'].fft > 0
-    res = cost.model_benchmark('smallcnn', ('baseline', 'gfnet'), batch=2, size=16, repeats=1, warmup=0, threads=1)
+    res = model_benchmark('smallcnn', ('baseline', 'gfnet'), batch=2, size=16, repeats=1, warmup=0, threads=1)
     assert res.ratio('gfnet', 'train') > 0 and res.extra['gfnet']['gflops'] > 0
