@@ -12,6 +12,7 @@ import numbers
 import os
 import pickle
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,13 @@ from torchvision.transforms import v2
 
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD',
-           'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CIFAR10_CLASSES', 'canonical_name',
-           'DatasetNotFoundError', 'data_dir', 'read_idx', 'find_fashion_mnist', 'load_fashion_mnist', 'DatasetInfo',
-           'dataset_info', 'TensorImageDataset', 'train_transform', 'eval_transform', 'random_crop_flip',
-           'BatchTransform', 'read_cifar_batch', 'find_cifar10', 'load_cifar10', 'imagefolder_classes', 'FolderDataset',
-           'load_imagefolder', 'get_dataset', 'SeededRandomSampler', 'make_loader', 'set_epoch', 'subset_dataset',
-           'get_dataloaders']
+           'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CIFAR10_CLASSES', 'BAD_IMAGES', 'BATCHED',
+           'canonical_name', 'DatasetNotFoundError', 'data_dir', 'read_idx', 'find_fashion_mnist', 'check_labels',
+           'load_fashion_mnist', 'write_idx', 'fake_fashion_mnist', 'DatasetInfo', 'dataset_info', 'TensorImageDataset',
+           'train_transform', 'eval_transform', 'random_crop_flip', 'BatchTransform', 'read_cifar_batch',
+           'find_cifar10', 'load_cifar10', 'imagefolder_classes', 'BadImageError', 'FolderDataset', 'load_imagefolder',
+           'get_dataset', 'SeededRandomSampler', 'seed_for', 'make_loader', 'set_epoch', 'subset_dataset',
+           'batch_transforms', 'check_dataset', 'get_dataloaders']
 
 # %% ../nbs/04_data.ipynb #af974306
 DATASETS = ('fashion-mnist', 'cifar10', 'imagenet100', 'imagefolder')
@@ -127,11 +129,15 @@ def _download(name: str, root, fetch: Callable[[Path], None], searched: list) ->
     except Exception as e:
         searched.append(f"download of {name} into {target} failed: {type(e).__name__}: {e}")
 
+def _root_hint(name: str, root: Path, what: str) -> str:
+    return (f"root={str(root)!r} was given, so only that directory is searched (never a system copy): put {what} there, "
+            f"or leave root out to use the default places")
+
 def find_fashion_mnist(split: str = 'train', root=None, download: bool = False) -> tuple[Path, Path]:
-    "Paths of the (images, labels) IDX files of `split`: `root`, then Debian's directory, then `data_dir()`, then a download."
+    "Paths of the (images, labels) IDX files of `split`: only under `root` when it is given; else Debian's directory, then `data_dir()`; then a download if asked."
     split = _check_split(split)
-    dirs = [Path(root).expanduser(), Path(root).expanduser() / 'FashionMNIST' / 'raw'] if root is not None else []
-    dirs += [FASHION_MNIST_DIR, data_dir(), data_dir() / 'FashionMNIST' / 'raw']
+    if root is not None: dirs = [Path(root).expanduser(), Path(root).expanduser() / 'FashionMNIST' / 'raw']
+    else: dirs = [FASHION_MNIST_DIR, data_dir(), data_dir() / 'FashionMNIST' / 'raw']
     searched = []
     for d in dirs:
         found, missing = _fmnist_files(d, split)
@@ -144,17 +150,65 @@ def find_fashion_mnist(split: str = 'train', root=None, download: bool = False) 
             found, missing = _fmnist_files(target / 'FashionMNIST' / 'raw', split)
             if not missing: return tuple(found)
             searched.append(f"{target / 'FashionMNIST' / 'raw'} after download: missing {', '.join(missing)}")
-    raise DatasetNotFoundError('fashion-mnist', searched, _FMNIST_HINT)
+    what = f"the {split} files ({', '.join(n + '[.gz]' for n in _FMNIST_FILES[split])})"
+    hint = _FMNIST_HINT if root is None else f"{_root_hint('fashion-mnist', dirs[0], what)}. Otherwise: {_FMNIST_HINT}"
+    raise DatasetNotFoundError('fashion-mnist', searched, hint)
+
+def check_labels(targets: torch.Tensor, num_classes: int, where: str) -> torch.Tensor:
+    "`targets` if it holds integer labels in [0, `num_classes`), else a ValueError naming `where` and the range found."
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be integers; got {targets.dtype}")
+    if len(targets):
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{where}: labels must lie in [0, {num_classes}) ({num_classes} classes); got values in [{lo}, {hi}]")
+    return targets
 
 def load_fashion_mnist(split: str = 'train', root=None, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    "Fashion-MNIST `split` as uint8 images (N, 1, 28, 28) and int64 labels (N,), read once into memory."
+    "Fashion-MNIST `split` as uint8 images (N, 1, 28, 28) and int64 labels (N,), read once into memory and checked."
     fi, fl = find_fashion_mnist(split, root, download)
     x, y = read_idx(fi), read_idx(fl)
     if x.dim() != 3 or x.shape[1:] != (28, 28) or x.dtype != torch.uint8:
         raise ValueError(f"{fi}: expected uint8 images (N, 28, 28), got {x.dtype} {tuple(x.shape)}")
-    if y.shape != (len(x),) or int(y.max()) >= len(FASHION_MNIST_CLASSES):
-        raise ValueError(f"{fl}: expected {len(x)} labels in [0, 10), got shape {tuple(y.shape)}, max {int(y.max())}")
-    return x[:, None], y.long()
+    if len(x) == 0: raise ValueError(f"{fi}: the file holds no images (its header says 0 items); delete it and get it again")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"{fl}: expected {len(x)} labels, one per image of {fi.name}; got shape {tuple(y.shape)}")
+    return x[:, None], check_labels(y, len(FASHION_MNIST_CLASSES), str(fl)).long()
+
+# %% ../nbs/04_data.ipynb #7f799f98
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B, np.dtype(np.int32): 0x0C,
+              np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+def write_idx(path, x) -> Path:
+    "Write the tensor or array `x` as an IDX file (big-endian), gzip-compressed when `path` ends in '.gz'."
+    a = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x)
+    code = _IDX_CODES.get(a.dtype.newbyteorder('='))
+    if code is None or a.ndim == 0:
+        raise ValueError(f"x must be an array of at least one dimension of {', '.join(map(str, _IDX_CODES))}; got {a.dtype} {a.shape}")
+    raw = bytes([0, 0, code, a.ndim]) + struct.pack(f'>{a.ndim}I', *a.shape) + a.astype(a.dtype.newbyteorder('>')).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(raw, mtime=0) if path.suffix == '.gz' else raw)
+    return path
+
+def fake_fashion_mnist(root, n_train: int = 512, n_test: int = 256, seed: int = 0, compress: bool = True) -> Path:
+    "Write a small, learnable stand-in for Fashion-MNIST (the four IDX files, balanced classes) into `root`; returns `root`."
+    for name, v in (('n_train', n_train), ('n_test', n_test), ('seed', seed)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < (0 if name == 'seed' else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}; got {v!r}")
+    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(20240)                       # the class patterns are the same for every seed
+    patterns = F.interpolate(torch.rand(10, 1, 5, 5, generator=g), size=(32, 32), mode='bicubic', align_corners=False)
+    g.manual_seed(seed)
+    for split, n in (('train', n_train), ('test', n_test)):
+        y = torch.arange(n) % 10
+        y = y[torch.randperm(n, generator=g)]
+        oy, ox = torch.randint(0, 5, (2, n), generator=g)
+        x = torch.stack([patterns[c, 0, a:a + 28, b:b + 28] for c, a, b in zip(y.tolist(), oy.tolist(), ox.tolist())])
+        x = (x * 255 + 40 * torch.randn(x.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+        ext = '.gz' if compress else ''
+        write_idx(root / f'{_FMNIST_FILES[split][0]}{ext}', x)
+        write_idx(root / f'{_FMNIST_FILES[split][1]}{ext}', y.to(torch.uint8))
+    return root
 
 # %% ../nbs/04_data.ipynb #f4756f77
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -195,6 +249,7 @@ class TensorImageDataset(Dataset):
             raise ValueError(f"data must be a uint8 tensor (N, C, H, W); got {getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
         if not isinstance(targets, torch.Tensor) or targets.shape != (len(data),):
             raise ValueError(f"targets must be a tensor of shape ({len(data)},); got {tuple(getattr(targets, 'shape', ()))}")
+        if classes: check_labels(targets, len(classes), f"targets of {name or 'the dataset'}")
         self.data, self.targets, self.classes = data, targets.long(), tuple(classes)
         self.transform, self.name = transform, name
         self._labels = self.targets.tolist()            # python ints: the cheapest thing to hand to collate
@@ -288,6 +343,15 @@ class BatchTransform:
         self.info, self.train, self.augment = dataset_info(self.name), bool(train), bool(augment)
         self.image_size = _image_size(image_size, self.info.image_size)
         self.padding, self.flip = _aug_params(self.name, padding, flip)
+        self._stats = {}
+
+    def stats(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        "Mean and std as (1, C, 1, 1) tensors on `device`: copied there once, not once per batch."
+        key = (torch.device(device), dtype)
+        if key not in self._stats:
+            i = self.info
+            self._stats[key] = tuple(torch.tensor(v, dtype=dtype).view(1, -1, 1, 1).to(key[0]) for v in (i.mean, i.std))
+        return self._stats[key]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         i = self.info
@@ -299,8 +363,7 @@ class BatchTransform:
         x = x.float().div_(255)
         if self.image_size != i.image_size:
             x = F.interpolate(x, size=(self.image_size,) * 2, mode='bilinear', antialias=True, align_corners=False)
-        mean = torch.tensor(i.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(i.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self.stats(x.device, x.dtype)
         return (x - mean) / std
 
     def __repr__(self):
@@ -344,10 +407,9 @@ def read_cifar_batch(path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), y
 
 def find_cifar10(split: str = 'train', root=None, download: bool = False) -> Path:
-    "The directory holding the CIFAR-10 batches of `split`: `root/cifar-10-batches-py`, `root`, `data_dir()/...`, or a download."
+    "The directory holding the CIFAR-10 batches of `split`: only `root/cifar-10-batches-py` or `root` when `root` is given, else `data_dir()/...`; or a download."
     split = _check_split(split)
-    dirs = [Path(root).expanduser() / _CIFAR_DIR, Path(root).expanduser()] if root is not None else []
-    dirs.append(data_dir() / _CIFAR_DIR)
+    dirs = [Path(root).expanduser() / _CIFAR_DIR, Path(root).expanduser()] if root is not None else [data_dir() / _CIFAR_DIR]
     def missing(d): return [f for f in _CIFAR_FILES[split] if not (d / f).is_file()]
     searched = []
     for d in dirs:
@@ -359,13 +421,17 @@ def find_cifar10(split: str = 'train', root=None, download: bool = False) -> Pat
         if target is not None:
             if not (m := missing(target / _CIFAR_DIR)): return target / _CIFAR_DIR
             searched.append(f"{target / _CIFAR_DIR} after download: missing {', '.join(m)}")
-    raise DatasetNotFoundError('cifar10', searched, _CIFAR_HINT)
+    what = f"{_CIFAR_DIR}/ with {', '.join(_CIFAR_FILES[split])}"
+    hint = _CIFAR_HINT if root is None else f"{_root_hint('cifar10', Path(root).expanduser(), what)}. Otherwise: {_CIFAR_HINT}"
+    raise DatasetNotFoundError('cifar10', searched, hint)
 
 def load_cifar10(split: str = 'train', root=None, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     "CIFAR-10 `split` as uint8 images (N, 3, 32, 32) and int64 labels (N,)."
     d = find_cifar10(split, root, download)
     xs, ys = zip(*(read_cifar_batch(d / f) for f in _CIFAR_FILES[_check_split(split)]))
-    return torch.cat(xs), torch.cat(ys)
+    x, y = torch.cat(xs), torch.cat(ys)
+    if len(x) == 0: raise ValueError(f"{d}: the {split} batches hold no images; delete them and get them again")
+    return x, y
 
 # %% ../nbs/04_data.ipynb #904afe50
 _FOLDER_HINT = ("pass root=DIR with DIR/train/<class>/<image> and DIR/val/<class>/<image> (jpg, png, ...); "
@@ -396,14 +462,41 @@ def imagefolder_classes(name: str = 'imagefolder', root=None) -> tuple[str, ...]
         raise ValueError(f"imagenet100 needs 100 classes, found {len(classes)} in {d}; use name='imagefolder' for other trees")
     return classes
 
+BAD_IMAGES = ('stop', 'skip')
+
+class BadImageError(ValueError):
+    "An image of a dataset cannot be read; the message names the file."
+
 class FolderDataset(ImageFolder):
-    "A torchvision `ImageFolder` whose class list is given (the training split's) instead of read from its own directory."
-    def __init__(self, root, classes: Sequence[str], transform: Callable | None = None, name: str = 'imagefolder'):
-        self._given, self.name = tuple(classes), name
+    """A torchvision `ImageFolder` whose class list is given (the training split's) instead of read from its own directory;
+    an unreadable image is named and, with `bad_images='skip'`, replaced by the next readable one."""
+    def __init__(self, root, classes: Sequence[str], transform: Callable | None = None, name: str = 'imagefolder',
+                 bad_images: str = 'stop'):
+        if bad_images not in BAD_IMAGES: raise ValueError(f"bad_images must be one of {BAD_IMAGES}; got {bad_images!r}")
+        self._given, self.name, self.bad_images, self.skipped = tuple(classes), name, bad_images, set()
         super().__init__(str(root), transform=transform, allow_empty=True)
     def find_classes(self, directory): return list(self._given), {c: i for i, c in enumerate(self._given)}
 
-def load_imagefolder(name: str = 'imagefolder', split: str = 'train', root=None, transform: Callable | None = None) -> FolderDataset:
+    def __getitem__(self, i):
+        n = len(self.samples)
+        for k in range(n):
+            path, target = self.samples[(i + k) % n]
+            try: img = self.loader(path)
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+                if self.bad_images == 'stop':
+                    raise BadImageError(f"{path}: cannot read this image ({why}); replace or delete it, or pass bad_images='skip' "
+                                        "(niff_train --bad-images skip) to leave unreadable images out") from None
+                if path not in self.skipped:
+                    self.skipped.add(path); warnings.warn(f"skipping unreadable image {path} ({why})", stacklevel=2)
+                continue
+            if self.transform is not None: img = self.transform(img)
+            if self.target_transform is not None: target = self.target_transform(target)
+            return img, target
+        raise BadImageError(f"{self.root}: none of its {n} images can be read")
+
+def load_imagefolder(name: str = 'imagefolder', split: str = 'train', root=None, transform: Callable | None = None,
+                     bad_images: str = 'stop') -> FolderDataset:
     "The `split` of an ImageFolder tree at `root`, with class indices that always follow `root/train`."
     name, split = canonical_name(name), _check_split(split)
     r = _folder_root(name, root)
@@ -412,16 +505,17 @@ def load_imagefolder(name: str = 'imagefolder', split: str = 'train', root=None,
     if extra:
         raise ValueError(f"{d} has classes that {r / 'train'} does not: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
 
-    ds = FolderDataset(d, classes, transform, name)
+    ds = FolderDataset(d, classes, transform, name, bad_images)
     if len(ds) == 0:
         raise DatasetNotFoundError(name, [f"{d}: no images in any class directory"], _FOLDER_HINT)
     return ds
 
 # %% ../nbs/04_data.ipynb #765d4472
 def get_dataset(name: str = 'fashion-mnist', split: str = 'train', root=None, transform='default',
-                download: bool = False, image_size: int | None = None, augment: bool = True) -> Dataset:
+                download: bool = False, image_size: int | None = None, augment: bool = True, bad_images: str = 'stop') -> Dataset:
     "Dataset `name`, `split` ('train'/'test'), yielding (image tensor, int label); see the search order of each loader."
     name, split = canonical_name(name), _check_split(split)
+    if bad_images not in BAD_IMAGES: raise ValueError(f"bad_images must be one of {BAD_IMAGES}; got {bad_images!r}")
     if isinstance(transform, str):
         if transform != 'default':
             raise ValueError(f"transform must be 'default', None or a callable; got {transform!r}")
@@ -431,7 +525,7 @@ def get_dataset(name: str = 'fashion-mnist', split: str = 'train', root=None, tr
     if name in ('imagenet100', 'imagefolder'):
         if download:
             raise ValueError(f"download must be False for {name}: an ImageFolder tree cannot be downloaded; {_FOLDER_HINT}")
-        return load_imagefolder(name, split, root, transform if transform is not None else v2.ToImage())
+        return load_imagefolder(name, split, root, transform if transform is not None else v2.ToImage(), bad_images)
     x, y = (load_fashion_mnist if name == 'fashion-mnist' else load_cifar10)(split, root, download)
     return TensorImageDataset(x, y, dataset_info(name).classes, transform, f'{name}/{split}')
 
@@ -447,6 +541,11 @@ class SeededRandomSampler(Sampler):
         self.epoch += 1
         return iter(torch.randperm(self.n, generator=g).tolist())
 
+def seed_for(seed: int, epoch: int = 0, rank: int = 0) -> int:
+    "A 64-bit seed for (`seed`, `epoch`, `rank`): a separate, reproducible random stream for every epoch of every process."
+    for name, v in (('seed', seed), ('epoch', epoch), ('rank', rank)): _check_int(v, name, 0)
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1, np.uint64)[0])
+
 def _check_int(v, name: str, low: int):
     if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
         raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
@@ -456,8 +555,9 @@ def _dist_ready() -> bool:
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
                 distributed: bool | None = None, drop_last: bool | None = None, pin_memory: bool | None = None,
-                **kwargs) -> DataLoader:
-    "A DataLoader over `dataset`: seeded shuffling for training, a DistributedSampler under torch.distributed."
+                batch_transform: Callable | None = None, **kwargs) -> DataLoader:
+    """A DataLoader over `dataset`: seeded shuffling for training, a DistributedSampler under torch.distributed, worker
+    seeds of their own per rank; `batch_transform` (e.g. a `BatchTransform`) is kept as `loader.batch_transform`."""
     _check_int(batch_size, 'batch_size', 1); _check_int(num_workers, 'num_workers', 0); _check_int(seed, 'seed', 0)
     if not isinstance(train, bool): raise ValueError(f"train must be True or False; got {train!r}")
     if distributed is None: distributed = _dist_ready()
@@ -465,6 +565,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
         raise ValueError("distributed=True needs an initialised process group: call torch.distributed.init_process_group "
                          "first (torchrun sets up its environment), or pass distributed=None/False")
     world = torch.distributed.get_world_size() if distributed else 1
+    rank = torch.distributed.get_rank() if distributed else 0
     per_rank = math.ceil(len(dataset) / world)
     if drop_last is None: drop_last = train and per_rank >= batch_size
     elif drop_last and per_rank < batch_size:
@@ -474,12 +575,16 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
     else: sampler = SeededRandomSampler(len(dataset), seed) if train else SequentialSampler(dataset)
     if pin_memory is None: pin_memory = torch.cuda.is_available()
     kwargs.setdefault('persistent_workers', num_workers > 0)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kwargs)
+    dl = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                    pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed_for(seed, 0, rank)), **kwargs)
+    dl.seed, dl.rank, dl.batch_transform = seed, rank, batch_transform
+    return dl
 
 def set_epoch(loader: DataLoader, epoch: int):
-    "Tell `loader`'s sampler which epoch starts (DistributedSampler needs this every epoch; SeededRandomSampler to resume)."
+    "Tell `loader` which epoch starts: its sampler (DistributedSampler needs this every epoch) and its worker seeds."
     if hasattr(getattr(loader, 'sampler', None), 'set_epoch'): loader.sampler.set_epoch(epoch)
+    if getattr(loader, 'generator', None) is not None and hasattr(loader, 'seed'):
+        loader.generator.manual_seed(seed_for(loader.seed, epoch, loader.rank))
 
 # %% ../nbs/04_data.ipynb #1c054540
 def subset_dataset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
@@ -490,12 +595,30 @@ def subset_dataset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return dataset.subset(idx) if isinstance(dataset, TensorImageDataset) else Subset(dataset, idx.tolist())
 
+BATCHED = tuple(_PAD)     # fixed-size datasets: kept as uint8 in memory and transformed a batch at a time on the device
+
+def batch_transforms(name: str, image_size: int | None = None, augment: bool = True) -> tuple:
+    "(train, test) `BatchTransform`s of a fixed-size dataset (`BATCHED`), or (None, None) for ImageFolder trees."
+    name = canonical_name(name)
+    if name not in BATCHED: return None, None
+    return BatchTransform(name, True, augment, image_size), BatchTransform(name, False, image_size=image_size)
+
+def check_dataset(name: str = 'fashion-mnist', root=None) -> None:
+    "Raise `DatasetNotFoundError` unless both splits of dataset `name` are where `get_dataset` looks (reads no images)."
+    name = canonical_name(name)
+    for split in SPLITS:
+        if name == 'fashion-mnist': find_fashion_mnist(split, root)
+        elif name == 'cifar10': find_cifar10(split, root)
+        else: _split_dir(name, _folder_root(name, root), split)
+
 def get_dataloaders(name: str = 'fashion-mnist', root=None, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
                     subset: int | tuple[int, int] | None = None, *, image_size: int | None = None, augment: bool = True,
                     transform='default', download: bool = False, distributed: bool | None = None,
                     drop_last: bool | None = None, eval_batch_size: int | None = None,
-                    pin_memory: bool | None = None) -> tuple[DataLoader, DataLoader]:
-    "(train_loader, test_loader) of dataset `name`; `subset` limits each split to a deterministic sample for quick runs."
+                    pin_memory: bool | None = None, eval_distributed: bool | None = None,
+                    bad_images: str = 'stop') -> tuple[DataLoader, DataLoader]:
+    """(train_loader, test_loader) of dataset `name`; `subset` limits each split to a deterministic sample for quick runs;
+    `transform='batch'` keeps fixed-size datasets uint8 and hands each loader its `BatchTransform` (`loader.batch_transform`)."""
     _check_int(batch_size, 'batch_size', 1)
     if eval_batch_size is not None: _check_int(eval_batch_size, 'eval_batch_size', 1)
     if isinstance(subset, tuple) and len(subset) == 2: n_train, n_test = subset
@@ -503,12 +626,17 @@ def get_dataloaders(name: str = 'fashion-mnist', root=None, batch_size: int = 25
     else: raise ValueError(f"subset must be None, an int or a pair (n_train, n_test); got {subset!r}")
     for n in (n_train, n_test):
         if n is not None: _check_int(n, 'subset', 1)
-    if transform is None or isinstance(transform, str): t_train = t_test = transform
+    bt_train = bt_test = None
+    if transform == 'batch':
+        bt_train, bt_test = batch_transforms(name, image_size, augment)
+        t_train = t_test = None if bt_train is not None else 'default'
+    elif transform is None or isinstance(transform, str): t_train = t_test = transform
     elif isinstance(transform, tuple) and len(transform) == 2: t_train, t_test = transform
-    else: raise ValueError(f"transform must be 'default', None or a pair (train, test); got {transform!r}")
-    kw = dict(root=root, download=download, image_size=image_size)
+    else: raise ValueError(f"transform must be 'default', None or a pair (train, test), or 'batch'; got {transform!r}")
+    kw = dict(root=root, download=download, image_size=image_size, bad_images=bad_images)
     train = subset_dataset(get_dataset(name, 'train', transform=t_train, augment=augment, **kw), n_train, seed)
     test = subset_dataset(get_dataset(name, 'test', transform=t_test, **kw), n_test, seed)
-    common = dict(num_workers=num_workers, seed=seed, distributed=distributed, pin_memory=pin_memory)
-    return (make_loader(train, batch_size, True, drop_last=drop_last, **common),
-            make_loader(test, eval_batch_size or batch_size, False, **common))
+    common = dict(num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+    return (make_loader(train, batch_size, True, drop_last=drop_last, distributed=distributed, batch_transform=bt_train, **common),
+            make_loader(test, eval_batch_size or batch_size, False, batch_transform=bt_test,
+                        distributed=distributed if eval_distributed is None else eval_distributed, **common))

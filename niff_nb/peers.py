@@ -329,7 +329,7 @@ class GlobalFilter(nn.Module):
 
     def filter(self, size=None) -> torch.Tensor:
         "The complex filter (C, H, W//2+1) at `size` (default: the size it was built for), interpolated if needed."
-        f = torch.view_as_complex(self.weight)
+        f = torch.view_as_complex(self.weight.contiguous())   # any memory format (e.g. after model.to(channels_last))
         return f if size is None else interpolate_filter(f, self.size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ import matplotlib
 import torch
 
 from .analysis import analyse_checkpoint
-from .data import DATASETS
-from .train import CheckpointError, fit, recipe
+from .data import DATASETS, check_dataset
+from .train import CheckpointError, RunDir, fit, recipe
 
 # %% auto #0
 __all__ = ['analyse_run', 'write_report', 'run_study', 'niff_study']
@@ -64,10 +64,19 @@ def write_report(summary: dict, out_dir) -> Path:
 # %% ../nbs/06a_study.ipynb #25db36bc
 def run_study(out='study', arch: str = 'smallcnn', variants=('baseline', 'niff'), dataset: str = 'fashion-mnist',
               data=None, epochs: int | None = None, device: str = 'auto', resume: bool = False, progress: bool = True,
-              **overrides) -> dict:
-    "Train and evaluate `arch` as each of `variants`, analyse every run, write summary.json, figures and report.md."
+              overwrite: bool = False, **overrides) -> dict:
+    """Train and evaluate `arch` as each of `variants`, analyse every run, write summary.json, figures and report.md.
+    The folder follows the trainer's run-folder policy (`RunDir`): a study already in `out` needs `resume` or `overwrite`."""
     if not variants: raise ValueError("variants must name at least one variant, e.g. ('baseline', 'niff')")
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    folder = RunDir(out, kind='study', variants=variants)
+    mode = folder.check(resume, overwrite)          # before anything is written: the folder, then the data
+    check_dataset(dataset, data)
+    folder.open(mode)
+    try: return _run_study(out, arch, variants, dataset, data, epochs, device, resume, progress, overwrite, **overrides)
+    finally: folder.close()
+
+def _run_study(out, arch, variants, dataset, data, epochs, device, resume, progress, overwrite, **overrides) -> dict:
     t0 = time.perf_counter()
     runs, analysis = [], {}
     for variant in variants:
@@ -75,7 +84,7 @@ def run_study(out='study', arch: str = 'smallcnn', variants=('baseline', 'niff')
                       progress=progress, **overrides)
         if epochs is not None: cfg_kw['epochs'] = epochs
         cfg = recipe('fashion-mnist-quick', **cfg_kw)
-        res = fit(cfg, resume=resume and (out / variant / 'last.pt').exists(), overwrite=not resume)
+        res = fit(cfg, resume=resume and (out / variant / 'last.pt').exists(), overwrite=overwrite)
         runs.append({k: res[k] for k in ('variant', 'arch', 'dataset', 'test_acc', 'test_top5', 'params', 'epoch_seconds', 'epochs')})
         analysis[variant] = analyse_run(out / variant / 'last.pt', out, variant)
     device_name = str(torch.device('cuda') if device == 'auto' and torch.cuda.is_available() else device if device != 'auto' else 'cpu')
@@ -103,7 +112,8 @@ def niff_study(argv=None) -> None:
     p.add_argument('--subset', type=int, help='train on this many images only')
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N'")
     p.add_argument('--workers', type=int, dest='num_workers')
-    p.add_argument('--resume', action='store_true', help='continue the runs in --out instead of starting over')
+    p.add_argument('--resume', action='store_true', help='continue the study in --out (runs with a checkpoint resume, the others start)')
+    p.add_argument('--overwrite', action='store_true', help='replace the study in --out (each run is kept until its replacement has a checkpoint)')
     p.add_argument('--no-progress', dest='progress', action='store_false')
     args = p.parse_args(argv)
     matplotlib.use('Agg')  # files only: no window needed
@@ -111,8 +121,8 @@ def niff_study(argv=None) -> None:
                                    ('subset', args.subset), ('num_workers', args.num_workers)) if v is not None}
     try:
         summary = run_study(args.out, args.arch, tuple(args.variants), args.dataset, args.data, args.epochs, args.device,
-                            args.resume, args.progress, **overrides)
-    except (DatasetNotFoundError, CheckpointError, FileExistsError, FloatingPointError) as e:
+                            args.resume, args.progress, overwrite=args.overwrite, **overrides)
+    except (CheckpointError, OSError, FloatingPointError) as e:
         print(f"niff_study: error: {e}", file=sys.stderr); sys.exit(1)
     except ValueError as e:
         print(f"niff_study: error: {e}", file=sys.stderr); sys.exit(2)

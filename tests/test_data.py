@@ -126,7 +126,7 @@ def test_fashion_mnist_default_transform_normalises(fmnist):
 @needs_fmnist
 @pytest.mark.parametrize('layout', ['flat-raw', 'flat-gz', 'torchvision'])
 def test_fashion_mnist_root_is_searched_first(tmp_path, fmnist, layout):
-    "A copy under `root` (flat, raw or gz, or torchvision's FashionMNIST/raw) wins over the Debian files."
+    "A copy under `root` (flat, raw or gz, or torchvision's FashionMNIST/raw) is used; nothing else is searched."
     d = tmp_path / 'fm' / ('FashionMNIST/raw' if layout == 'torchvision' else '')
     d.mkdir(parents=True)
     x = np.full((3, 28, 28), 7, np.uint8)
@@ -137,20 +137,25 @@ def test_fashion_mnist_root_is_searched_first(tmp_path, fmnist, layout):
     ds = get_dataset(split='test', root=tmp_path / 'fm', transform=None)
     eq(len(ds), 3)
     eq(ds.targets.tolist(), [1, 2, 3])
-    if layout == 'torchvision':   # the training split is not under root: the search goes on to the Debian directory
-        eq(get_dataset(split='train', root=tmp_path / 'fm', transform=None).data, fmnist[0].data)
+    with pytest.raises(DatasetNotFoundError, match='only that directory is searched') as e:
+        get_dataset(split='train', root=tmp_path / 'fm', transform=None)   # not under root: an error, not the Debian copy
+    assert str(tmp_path / 'fm') in str(e.value) and str(DEBIAN) + ':' not in str(e.value)
 
 
 def test_fashion_mnist_missing(tmp_path, no_debian):
     with pytest.raises(DatasetNotFoundError) as e:
-        get_dataset('fashion-mnist', root=tmp_path / 'mine')
+        get_dataset('fashion-mnist')
     msg = str(e.value)
     assert isinstance(e.value, FileNotFoundError)
-    for place in (tmp_path / 'mine', tmp_path / 'mine' / 'FashionMNIST' / 'raw', tmp_path / 'not-installed', tmp_path / 'cache'):
+    for place in (tmp_path / 'not-installed', tmp_path / 'cache', tmp_path / 'cache' / 'FashionMNIST' / 'raw'):
         assert f'{place}:' in msg, (place, msg)
     assert 'apt-get install -y dataset-fashion-mnist' in msg
     assert 'download=True' in msg
-    eq(len(e.value.searched), 5)
+    eq(len(e.value.searched), 3)
+    with pytest.raises(DatasetNotFoundError) as e:
+        get_dataset('fashion-mnist', root=tmp_path / 'mine')
+    eq([p.split(': ')[0] for p in e.value.searched], [str(tmp_path / 'mine'), str(tmp_path / 'mine' / 'FashionMNIST' / 'raw')])
+    assert 'download=True' in str(e.value) and f"root={str(tmp_path / 'mine')!r} was given" in str(e.value)
 
 
 def test_fashion_mnist_partial_directory_names_missing_files(tmp_path, no_debian):
@@ -261,9 +266,12 @@ def test_cifar10_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         get_dataset('cifar10', root=tmp_path / 'c')
     msg = str(e.value)
-    for place in (tmp_path / 'c' / 'cifar-10-batches-py', tmp_path / 'c', tmp_path / 'cache' / 'cifar-10-batches-py'):
+    for place in (tmp_path / 'c' / 'cifar-10-batches-py', tmp_path / 'c'):
         assert f'{place}:' in msg
     assert "get_dataset('cifar10', root=DIR, download=True)" in msg
+    with pytest.raises(DatasetNotFoundError) as e:
+        get_dataset('cifar10')
+    assert f"{tmp_path / 'cache' / 'cifar-10-batches-py'}:" in str(e.value)
 
 
 def test_cifar10_partial_directory(tmp_path):
@@ -602,3 +610,147 @@ def test_get_dataloaders_fashion_mnist_subset():
     xb, _ = next(iter(raw_tr))
     eq((xb.dtype, len(raw_te.dataset)), (torch.uint8, 32))
     eq(BatchTransform()(xb).shape, (32, 1, 28, 28))
+
+
+# ------------------------------------------------------------------------------ explicit roots, bad files, stand-ins
+from niff_nb.data import load_fashion_mnist
+
+
+@pytest.fixture
+def fake_debian(tmp_path, monkeypatch):
+    "A system copy of (stand-in) Fashion-MNIST that an explicit root must never fall back to."
+    d = data.fake_fashion_mnist(tmp_path / 'system-copy', n_train=30, n_test=20)
+    monkeypatch.setattr(data, 'FASHION_MNIST_DIR', d)
+    return d
+
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_explicit_root_is_the_only_place_searched(tmp_path, fake_debian, split):
+    root = data.fake_fashion_mnist(tmp_path / 'mine', n_train=10, n_test=10)
+    other = 'test' if split == 'train' else 'train'
+    for f in data._FMNIST_FILES[split]: (root / f'{f}.gz').unlink()
+    eq(len(get_dataset(split=other, root=root, transform=None)), 10)
+    with pytest.raises(DatasetNotFoundError) as e:
+        get_dataset(split=split, root=root, transform=None)
+    msg = str(e.value)
+    assert str(root) in msg and 'only that directory is searched' in msg
+    assert str(fake_debian) not in msg and len(e.value.searched) == 2
+    eq(len(get_dataset(split=split, transform=None)), 30 if split == 'train' else 20)   # without root: the system copy
+
+
+def test_cifar10_explicit_root_never_falls_back_to_the_cache(tmp_path):
+    write_cifar(tmp_path / 'cache')                                       # data_dir() holds a complete copy
+    with pytest.raises(DatasetNotFoundError, match='only that directory is searched') as e:
+        get_dataset('cifar10', 'test', root=tmp_path / 'elsewhere')
+    assert str(tmp_path / 'cache') not in str(e.value)
+    eq(len(get_dataset('cifar10', 'test')), 4)
+
+
+@pytest.mark.parametrize('labels,code', [([0, -1, 2], np.int8), ([0, 10, 2], np.uint8), ([0, 255, 1], np.uint8)])
+def test_labels_outside_the_classes_are_caught_when_the_dataset_loads(tmp_path, labels, code):
+    root = data.fake_fashion_mnist(tmp_path / 'fm', n_train=3, n_test=3)
+    data.write_idx(root / 't10k-labels-idx1-ubyte.gz', np.array(labels, code))
+    with pytest.raises(ValueError, match=r'labels must lie in \[0, 10\)') as e:
+        get_dataset(split='test', root=root)
+    assert 't10k-labels-idx1-ubyte' in str(e.value)
+    with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\)'):
+        TensorImageDataset(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.tensor(labels), ('a', 'b', 'c'))
+    with pytest.raises(ValueError, match='labels must be integers'):
+        data.check_labels(torch.tensor([0.5]), 3, 'x')
+
+
+def test_idx_file_with_zero_items(tmp_path):
+    root = data.fake_fashion_mnist(tmp_path / 'fm', n_train=3, n_test=3)
+    data.write_idx(root / 'train-images-idx3-ubyte.gz', np.zeros((0, 28, 28), np.uint8))
+    data.write_idx(root / 'train-labels-idx1-ubyte.gz', np.zeros((0,), np.uint8))
+    with pytest.raises(ValueError, match='holds no images') as e:
+        get_dataset(split='train', root=root)
+    assert 'train-images-idx3-ubyte' in str(e.value)
+
+
+def test_fake_fashion_mnist_is_the_real_format_and_learnable(tmp_path):
+    root = data.fake_fashion_mnist(tmp_path / 'fm', n_train=100, n_test=50, seed=3)
+    eq(sorted(p.name for p in root.iterdir()), sorted(f'{f}.gz' for s in ('train', 'test') for f in data._FMNIST_FILES[s]))
+    x, y = load_fashion_mnist('train', root=root)
+    eq((x.shape, x.dtype, torch.bincount(y).tolist()), ((100, 1, 28, 28), torch.uint8, [10] * 10))
+    x2, _ = load_fashion_mnist('train', root=data.fake_fashion_mnist(tmp_path / 'again', n_train=100, n_test=50, seed=3))
+    eq(x, x2)
+    means = torch.stack([x[y == c].float().mean(0) for c in range(10)]).flatten(1)   # the classes differ
+    assert torch.cdist(means, means).topk(2, largest=False).values[:, 1].min() > 100
+    for arr in (np.arange(6, dtype=np.int16).reshape(2, 3), np.array([1.5], np.float64)):
+        eq(read_idx(data.write_idx(tmp_path / 'a.idx', arr)).numpy(), arr)
+    with pytest.raises(ValueError, match='x must be an array'):
+        data.write_idx(tmp_path / 'b.idx', np.array([True]))
+
+
+def write_broken_tree(root):
+    for cls in ('a', 'b'):
+        (root / 'train' / cls).mkdir(parents=True)
+        Image.new('RGB', (12, 10), COLOURS['apple' if cls == 'a' else 'sky']).save(root / 'train' / cls / '0.png')
+    (root / 'train' / 'b' / '1.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'cut off')
+    return root
+
+
+def test_corrupt_image_in_an_imagefolder_tree_is_named(tmp_path):
+    root = write_broken_tree(tmp_path / 'tree')
+    ds = get_dataset('imagefolder', root=root, image_size=8)
+    with pytest.raises(data.BadImageError) as e:
+        ds[2]
+    assert str(root / 'train' / 'b' / '1.png') in str(e.value) and "bad_images='skip'" in str(e.value)
+    with pytest.raises(data.BadImageError, match='1.png'):                     # through a DataLoader too
+        list(make_loader(ds, 3, train=False))
+    skip = get_dataset('imagefolder', root=root, image_size=8, bad_images='skip')
+    with pytest.warns(UserWarning, match='skipping unreadable image .*1.png'):
+        batches = list(make_loader(skip, 3, train=False))
+    eq(batches[0][1].tolist(), [0, 1, 0])
+    with pytest.raises(ValueError, match="bad_images must be one of"):
+        get_dataset('imagefolder', root=root, bad_images='ignore')
+
+
+def test_batch_transform_copies_its_statistics_once(monkeypatch):
+    calls, real = [], torch.tensor
+    monkeypatch.setattr(torch, 'tensor', lambda *a, **k: calls.append(1) or real(*a, **k))
+    bt, x = BatchTransform('cifar10', train=False), torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    first = bt(x)
+    for _ in range(5): eq(bt(x), first)
+    assert len(calls) <= 2, len(calls)
+
+
+def test_every_rank_gets_its_own_augmentation_and_worker_seeds(monkeypatch):
+    import torch.distributed as dist
+    ds = toy(40)
+    def loader_for(rank):
+        monkeypatch.setattr(data, '_dist_ready', lambda: True)
+        monkeypatch.setattr(dist, 'get_world_size', lambda group=None: 2)
+        monkeypatch.setattr(dist, 'get_rank', lambda group=None: rank)
+        return make_loader(ds, 4, train=True, seed=7, distributed=True)
+    s0, s1 = (loader_for(r).generator.initial_seed() for r in (0, 1))
+    assert s0 != s1
+    dl = loader_for(1)
+    set_epoch(dl, 3)
+    eq(dl.generator.initial_seed(), data.seed_for(7, 3, 1))
+    assert len({data.seed_for(7, e, r) for e in range(3) for r in range(3)}) == 9
+
+
+def test_dataloaders_decide_the_batch_transform_policy(tmp_path):
+    root = data.fake_fashion_mnist(tmp_path / 'fm', n_train=64, n_test=32)
+    tr, te = get_dataloaders(root=root, batch_size=16, transform='batch', eval_batch_size=32)
+    xb, _ = next(iter(tr))
+    eq((xb.dtype, tr.batch_transform.train, te.batch_transform.train), (torch.uint8, True, False))
+    eq(data.BATCHED, ('fashion-mnist', 'cifar10'))
+    tree = write_tree(tmp_path / 'tree')
+    tr, te = get_dataloaders('imagefolder', root=tree, batch_size=3, image_size=16, transform='batch')
+    eq((tr.batch_transform, next(iter(tr))[0].dtype), (None, torch.float32))
+    tr, _ = get_dataloaders(root=root, batch_size=16)
+    eq(tr.batch_transform, None)
+
+
+def test_check_dataset_reads_no_images(tmp_path):
+    root = data.fake_fashion_mnist(tmp_path / 'fm', n_train=4, n_test=4)
+    data.check_dataset('fashion-mnist', root)
+    (root / 't10k-images-idx3-ubyte.gz').unlink()
+    with pytest.raises(DatasetNotFoundError, match='t10k-images'):
+        data.check_dataset('fashion-mnist', root)
+    write_cifar(tmp_path / 'c')
+    data.check_dataset('cifar10', tmp_path / 'c')
+    data.check_dataset('imagefolder', write_tree(tmp_path / 'tree'))
