@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .fourier import batched_fft
 from .layers import NIFFBase, NIFFConv2d, NIFFDepthwise
 from .train import CheckpointError, evaluate, model_from_checkpoint
 
@@ -179,7 +180,7 @@ def plot_eigen_kernels(kernels: dict[str, torch.Tensor], n_components: int = 6, 
 # %% ../nbs/06_analysis.ipynb #c3a8b3b6
 def kernel_spectrum(kernels: torch.Tensor) -> torch.Tensor:
     "Full complex spectrum (..., H, W), zero frequency at the centre, of real kernels (..., H, W) centred at (H//2, W//2)."
-    spec = torch.fft.fft2(torch.fft.ifftshift(kernels, dim=(-2, -1)))
+    spec = batched_fft(torch.fft.fft2, torch.fft.ifftshift(kernels, dim=(-2, -1)), 2)
     return torch.fft.fftshift(spec, dim=(-2, -1))
 
 def layer_filters(layer: NIFFBase, h: int, w: int) -> torch.Tensor:

@@ -100,6 +100,7 @@ def test_kernel_spectrum_matches_the_layer_filter_and_splits_even_odd(h, w):
     k = torch.randn(h, w, dtype=torch.float64)
     even = 0.5 * (k + torch.fft.fftshift(torch.roll(torch.flip(torch.fft.ifftshift(k), (0, 1)), (1, 1), (0, 1))))
     assert kernel_spectrum(even).imag.abs().max() < 1e-10
+    assert kernel_spectrum(torch.zeros(0, h, w, dtype=torch.float64)).shape == (0, h, w)         # no kernels, no spectra
 
 
 def test_frequency_weight_pca_recovers_planted_real_and_imaginary_components():

@@ -164,6 +164,11 @@ def test_raw_filter_plain_equals_fused():
     fail_(lambda: RawFFTFilter(0, 3, 3), contains='channels')
 
 
+def test_raw_filter_accepts_an_empty_batch():
+    y = RawFFTFilter(3, 9, 8)(torch.zeros(0, 3, 9, 8))
+    eq_((y.shape, y.dtype), ((0, 3, 9, 8), torch.float32))
+
+
 def test_layer_and_model_benchmarks_small():
     r = cost.layer_benchmark(8, 4, 2, modes=('forward', 'train_dx'), spatial=True, repeats=2, warmup=1, threads=1)
     eq_(r.baseline, 'raw filter')

@@ -222,6 +222,20 @@ def test_padded_modes_interior_agrees(hw, khw):
         close(fft_padded_conv2d(x, k, mode)[inner], ref[inner], eps=1e-10)
 
 
+# ---------------------------------------------------------------- empty batches
+@pytest.mark.parametrize('lead', [(0, 3), (0, 1)])
+def test_an_empty_batch_gives_an_empty_result(lead):
+    "No maps in, no maps out: the shape and dtype a non-empty batch gives, for every route (some FFT backends raise)."
+    x = torch.zeros(*lead, 6, 5, dtype=F64)
+    kc = rand(lead[1], 3, 2)                                   # depthwise: one kernel per channel
+    for y in (circular_conv2d(x, kc), linear_conv2d(x, kc), fft_circular_conv2d(x, embed_kernel(kc, 6, 5)),
+              fft_linear_conv2d(x, kc), *(fft_padded_conv2d(x, kc, mode) for mode in PAD_MODES)):
+        eq((y.shape, y.dtype), (x.shape, F64))
+    for mode in PAD_MODES:
+        pads = feature_map_pads(6, 5, mode)
+        eq(pad2d(x, pads, mode).shape, (*lead, 6 + pads[2] + pads[3], 5 + pads[0] + pads[1]))
+
+
 # ---------------------------------------------------------------- Dirichlet kernel
 @pytest.mark.parametrize('n,m', [(1, 1), (1, 8), (3, 8), (8, 8), (8, 64), (7, 13), (32, 64)])
 def test_dirichlet_is_box_spectrum(n, m):

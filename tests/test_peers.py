@@ -236,6 +236,15 @@ def test_global_filter_autocast_returns_input_dtype():
         eq_(g(x).dtype, torch.bfloat16)
 
 
+# ---------------------------------------------------------------- empty batches
+def test_frequency_peers_accept_an_empty_batch():
+    "A batch of no images gives no outputs of the right shape (the FFT backends differ on empty batches)."
+    x = torch.zeros(0, 8, 12, 9)
+    for m in (GlobalFilter(8, (12, 9)), FFC2d(8, 6, 3, ratio=0.5).eval(), FourierUnit(8, 8).eval()):
+        with torch.no_grad(): y = m(x)
+        eq_((y.shape, y.dtype), ((0, 6 if isinstance(m, FFC2d) else 8, 12, 9), torch.float32))
+
+
 # ---------------------------------------------------------------- cost table
 def test_octave_cost_table_reproduces_the_note():
     rows = octave_cost_table()
