@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .convert import _set_submodule
 from .fourier import batched_fft
 from .layers import NIFFBase, NIFFConv2d, NIFFDepthwise
 from .train import CheckpointError, evaluate, model_from_checkpoint
@@ -427,7 +428,7 @@ def to_spatial(model: nn.Module, sizes='full', input_size=None, *, in_channels: 
         elif spec == 'effective': window = int(effective_kernel_size(layer_kernels(layers[name], *hw), mass).float().median())
         else: window = spec
         conv = spatial_layer(layers[name], hw, window, padding_mode)
-        new.set_submodule(name, conv)
+        _set_submodule(new, name, conv)
         first = conv[0] if isinstance(conv, nn.Sequential) else conv
         windows[name] = tuple(first.kernel_size)
     new.spatial_windows = windows

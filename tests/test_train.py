@@ -188,7 +188,7 @@ def test_ddp_two_processes_gloo_identical_parameters(tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = run([torchrun, '--nproc_per_node', '2', '--master_port', '29531', str(script), str(tmp_path)], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    p0, p1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    p0, p1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert len(p0) == len(p1) > 0
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
 
