@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .core import ArgumentError, check_choice, check_int
+from .fourier import batched_fft
 from .layers import NIFFDepthwise, fft_filter
 from .convert import ARCHS, EXTRA_ARCHS, all_variants, create_model
 from .cost import _as_inputs, _outputs_sum, count_flops, map_sized_conv
@@ -207,7 +208,7 @@ class RawFFTFilter(nn.Module):
     def forward(self, x):
         if tuple(x.shape[-2:]) != self.size: raise ArgumentError(f"RawFFTFilter was built for {self.size} maps; got {tuple(x.shape[-2:])}")
         if self.fused: return fft_filter(x, self.weight)
-        return torch.fft.irfft2(torch.fft.rfft2(x) * self.weight, s=self.size)
+        return batched_fft(torch.fft.irfft2, batched_fft(torch.fft.rfft2, x, 2) * self.weight, 2, s=self.size)
 
 def layer_candidates(size: int, channels: int = 64, spatial: bool = False, conv3: bool = True) -> dict:
     """Depthwise candidates for an size x size map: 3x3 conv, (optionally) map-sized spatial conv, NIFF, raw filter (plain and fused).

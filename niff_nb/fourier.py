@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['dft_matrix', 'dft', 'idft', 'fft_radix2', 'dft2', 'circular_flip', 'circular_conv1d', 'circular_conv2d_direct',
-           'fft_conv1d', 'fft_conv2d', 'conv_cost_spatial', 'conv_cost_fft', 'conv2d_circular_spatial', 'ConvTiming',
-           'time_conv']
+__all__ = ['batched_fft', 'dft_matrix', 'dft', 'idft', 'fft_radix2', 'dft2', 'circular_flip', 'circular_conv1d',
+           'circular_conv2d_direct', 'fft_conv1d', 'fft_conv2d', 'conv_cost_spatial', 'conv_cost_fft',
+           'conv2d_circular_spatial', 'ConvTiming', 'time_conv']
 
 # %% ../nbs/00_fourier.ipynb #902d0454
 _FLOAT_OR_COMPLEX = "a floating dtype (float16, bfloat16, float32, float64) or a complex dtype (complex64, complex128)"
@@ -45,6 +45,22 @@ def _check_positive_int(v, name: str) -> int:
         raise TypeError(f"`{name}` must be a positive int, got {type(v).__name__} {v!r}")
     if v < 1: raise ValueError(f"`{name}` must be a positive int (>= 1), got {v}")
     return v
+
+# %% ../nbs/00_fourier.ipynb #2df76919
+def batched_fft(
+    fn: Callable[..., torch.Tensor],  # a `torch.fft` function: fft, ifft, rfft, irfft, fft2, ifft2, rfft2, irfft2, ...
+    x: torch.Tensor,  # input; the last `signal_ndim` dims are the signal, the dims before them the batch
+    signal_ndim: int = 1,  # how many trailing dims `fn` transforms (1 for fft/rfft/..., 2 for fft2/rfft2/...)
+    **kwargs,  # passed on to `fn` (`n`, `s`, `norm`); `fn` must transform the last `signal_ndim` dims
+) -> torch.Tensor:  # `fn(x, **kwargs)`; for an empty batch, the empty tensor of the shape and dtype that result would have
+    "`fn(x, **kwargs)` for a `torch.fft` function `fn`, defined for empty batches too (without calling the FFT library on them)."
+    lead = x.shape[:x.ndim - signal_ndim]
+    if x.ndim <= signal_ndim or 0 not in lead: return fn(x, **kwargs)
+    one = fn(x.new_zeros(x.shape[x.ndim - signal_ndim:]), **kwargs)  # one signal: the output's signal shape and dtype
+    y = x.sum(tuple(range(x.ndim - signal_ndim, x.ndim)), keepdim=True)  # (*lead, 1, ...): no elements, still in x's graph
+    if y.is_complex() and not one.is_complex(): y = y.real
+    return y.to(one.dtype).expand(*lead, *one.shape)
+
 
 # %% ../nbs/00_fourier.ipynb #33846066
 def dft_matrix(
@@ -188,9 +204,10 @@ def fft_conv1d(
     "Circular convolution along the last dim via the convolution theorem: `ifft(fft(x) * fft(k))`."
     x, k = _check_conv_args(x, k, 1)
     n = x.shape[-1]
+    fft = lambda fn, t, **kw: batched_fft(fn, t, 1, **kw)
     if x.is_complex():
-        return torch.fft.ifft(torch.fft.fft(x) * torch.fft.fft(k))
-    return torch.fft.irfft(torch.fft.rfft(x) * torch.fft.rfft(k), n=n)
+        return fft(torch.fft.ifft, fft(torch.fft.fft, x) * fft(torch.fft.fft, k))
+    return fft(torch.fft.irfft, fft(torch.fft.rfft, x) * fft(torch.fft.rfft, k), n=n)
 
 
 def fft_conv2d(
@@ -200,9 +217,10 @@ def fft_conv2d(
     "2-D circular convolution via the convolution theorem: `irfft2(rfft2(x) * rfft2(k))` ($O(HW\\log HW)$)."
     x, k = _check_conv_args(x, k, 2)
     s = tuple(x.shape[-2:])
+    fft = lambda fn, t, **kw: batched_fft(fn, t, 2, **kw)
     if x.is_complex():
-        return torch.fft.ifft2(torch.fft.fft2(x) * torch.fft.fft2(k))
-    return torch.fft.irfft2(torch.fft.rfft2(x) * torch.fft.rfft2(k), s=s)
+        return fft(torch.fft.ifft2, fft(torch.fft.fft2, x) * fft(torch.fft.fft2, k))
+    return fft(torch.fft.irfft2, fft(torch.fft.rfft2, x) * fft(torch.fft.rfft2, k), s=s)
 
 # %% ../nbs/00_fourier.ipynb #a95e5bcb
 def conv_cost_spatial(

@@ -11,6 +11,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .fourier import batched_fft
+
 # %% auto #0
 __all__ = ['PAD_MODES', 'centre_kernel', 'uncentre_kernel', 'embed_kernel', 'circular_conv2d', 'linear_conv2d',
            'fft_circular_conv2d', 'fft_linear_conv2d', 'feature_map_pads', 'pad2d', 'crop2d', 'fft_padded_conv2d',
@@ -119,8 +121,8 @@ def fft_circular_conv2d(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     _check_x4(x)
     _check_fft_args(x, k, f"(C, H, W) = {tuple(x.shape[-3:])} to match x", lambda k: k.shape == x.shape[-3:])
     h, w = x.shape[-2:]
-    spec = torch.fft.rfft2(x) * torch.fft.rfft2(uncentre_kernel(k))
-    return torch.fft.irfft2(spec, s=(h, w))
+    spec = batched_fft(torch.fft.rfft2, x, 2) * batched_fft(torch.fft.rfft2, uncentre_kernel(k), 2)
+    return batched_fft(torch.fft.irfft2, spec, 2, s=(h, w))
 
 def fft_linear_conv2d(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     "Depthwise linear ('same'-size) convolution via `rfft2` after zero-padding to N+K-1; `k` is (C, kh, kw), centred."
@@ -128,8 +130,8 @@ def fft_linear_conv2d(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     _check_fft_args(x, k, f"(C, kh, kw) with C = {x.shape[1]}", lambda k: k.shape[0] == x.shape[1])
     (h, w), (kh, kw) = x.shape[-2:], k.shape[-2:]
     H, W = h + kh - 1, w + kw - 1
-    spec = torch.fft.rfft2(x, s=(H, W)) * torch.fft.rfft2(k, s=(H, W))
-    full = torch.fft.irfft2(spec, s=(H, W))
+    spec = batched_fft(torch.fft.rfft2, x, 2, s=(H, W)) * batched_fft(torch.fft.rfft2, k, 2, s=(H, W))
+    full = batched_fft(torch.fft.irfft2, spec, 2, s=(H, W))
     return full[..., kh // 2: kh // 2 + h, kw // 2: kw // 2 + w]
 
 # %% ../nbs/01_padding.ipynb #3846a50e
@@ -164,7 +166,7 @@ def pad2d(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = 'zeros')
     if mode == 'circular' and (max(pads[:2]) > w or max(pads[2:]) > h):
         raise ValueError(f"circular pads cannot exceed the side they pad (<= {w} left/right, <= {h} top/bottom); got {pads}")
     if mode == 'zeros': return F.pad(x, pads)
-    y = F.pad(x.reshape(1, -1, h, w), pads, mode=_TORCH_PAD_MODE[mode])
+    y = F.pad(x.reshape(-1, 1, h, w), pads, mode=_TORCH_PAD_MODE[mode])   # every map its own sample: an empty batch is fine
     return y.reshape(*x.shape[:-2], *y.shape[-2:])
 
 def crop2d(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:

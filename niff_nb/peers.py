@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fourier import batched_fft
 from .convert import (ConversionReport, conv_candidates, conv_kind, feature_map_sizes, n_params, register_variant,
                              replace_conv)
 from .cost import count_flops
@@ -204,11 +205,11 @@ class FourierUnit(nn.Module):
         dtype = x.dtype
         with _fft_region(x):
             xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-            spec = torch.fft.rfft2(xf, norm='ortho')                                    # (N, C, H, W//2+1) complex
-            z = torch.stack((spec.real, spec.imag), 2).reshape(n, 2 * c, h, -1)        # channels re0, im0, re1, im1, ...
+            spec = batched_fft(torch.fft.rfft2, xf, 2, norm='ortho')                                    # (N, C, H, W//2+1) complex
+            z = torch.stack((spec.real, spec.imag), 2).reshape(n, 2 * c, h, w // 2 + 1)        # channels re0, im0, re1, im1, ...
             z = F.relu(self.bn(self.conv(z.to(self.conv.weight.dtype))))
-            z = z.reshape(n, self.out_channels, 2, h, -1).to(xf.dtype)
-            y = torch.fft.irfft2(torch.complex(z[:, :, 0], z[:, :, 1]), s=(h, w), norm='ortho')
+            z = z.reshape(n, self.out_channels, 2, h, w // 2 + 1).to(xf.dtype)
+            y = batched_fft(torch.fft.irfft2, torch.complex(z[:, :, 0], z[:, :, 1]), 2, s=(h, w), norm='ortho')
         return y.to(dtype)
 
 class SpectralTransform(nn.Module):
@@ -339,7 +340,7 @@ class GlobalFilter(nn.Module):
             xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
             filt = self.filter(hw)
             filt = filt.to(torch.complex128 if xf.dtype == torch.float64 else torch.complex64)
-            y = torch.fft.irfft2(torch.fft.rfft2(xf, norm='ortho') * filt, s=hw, norm='ortho')
+            y = batched_fft(torch.fft.irfft2, batched_fft(torch.fft.rfft2, xf, 2, norm='ortho') * filt, 2, s=hw, norm='ortho')
         if self.bias is not None: y = y + self.bias[:, None, None]
         return y.to(dtype)
 

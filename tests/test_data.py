@@ -494,9 +494,11 @@ def shifted_copies(img, p):
 def test_batch_transform(name, c, h, padding, p):
     x = torch.randint(0, 256, (64, c, h, h), dtype=torch.uint8)
     ev = eval_transform(name)
-    close(BatchTransform(name, train=False)(x), torch.stack([ev(i) for i in x]), eps=1e-6)
-    close(BatchTransform(name, augment=False)(x), torch.stack([ev(i) for i in x]), eps=1e-6)
     info = dataset_info(name)
+    # (x/255 - mean)/std in float32, two implementations: a few roundings at the scale of values <= 1, magnified by 1/std
+    tol = 16 * torch.finfo(torch.float32).eps / min(info.std)
+    close(BatchTransform(name, train=False)(x), torch.stack([ev(i) for i in x]), eps=tol)
+    close(BatchTransform(name, augment=False)(x), torch.stack([ev(i) for i in x]), eps=tol)
     g = torch.Generator().manual_seed(0)
     bt = BatchTransform(name, padding=padding)
     eq((bt.padding, bt.flip), (p, True))

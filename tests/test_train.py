@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GP
 BIN = Path(sys.executable).parent
 TINY = ['--dataset', 'fashion-mnist', '--arch', 'smallcnn', '--subset', '512', '--test-subset', '256',
         '--batch-size', '64', '--no-progress', '--recipe', 'fashion-mnist-quick']
+
+
+def free_port() -> str:
+    "A TCP port free right now, for torchrun's rendezvous (a fixed port collides with another test run on the machine)."
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
 
 
 def cli(name):
@@ -58,7 +66,8 @@ def test_evaluate_on_hand_made_batch():
     assert topk_correct(logits, target) == [1, 3]
     res = evaluate(Lookup(), [(torch.arange(2), target[:2]), (torch.arange(2, 4), target[2:])])
     assert res['n'] == 4 and res['top1'] == 0.25 and res['top5'] == 0.75
-    assert abs(res['loss'] - nn.functional.cross_entropy(logits, target).item()) < 1e-6
+    ref = nn.functional.cross_entropy(logits.double(), target).item()
+    assert abs(res['loss'] - ref) <= 16 * torch.finfo(torch.float32).eps * ref        # float32 log-softmax: a few eps
 
 
 class Unpicklable:
@@ -185,9 +194,9 @@ def test_ddp_two_processes_gloo_identical_parameters(tmp_path):
     script.write_text(DDP_SCRIPT)
     torchrun = shutil.which('torchrun') or str(BIN / 'torchrun')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = run([torchrun, '--nproc_per_node', '2', '--master_port', '29531', str(script), str(tmp_path)], env=env)
+    r = run([torchrun, '--nproc_per_node', '2', '--master_port', free_port(), str(script), str(tmp_path)], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    p0, p1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    p0, p1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert len(p0) == len(p1) > 0
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
 
@@ -197,7 +206,7 @@ def test_niff_train_under_torchrun(tmp_path):
     torchrun = shutil.which('torchrun') or str(BIN / 'torchrun')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     out = tmp_path / 'ddp'
-    r = run([torchrun, '--nproc_per_node', '2', '--master_port', '29532', '--no-python'] + cli('niff_train') + TINY +
+    r = run([torchrun, '--nproc_per_node', '2', '--master_port', free_port(), '--no-python'] + cli('niff_train') + TINY +
             ['--epochs', '1', '--device', 'cpu', '--out', str(out)], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(l)['epoch'] for l in (out / 'metrics.jsonl').read_text().splitlines()] == [1]
@@ -212,7 +221,7 @@ def test_nccl_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2: pytest.skip('needs two GPUs')
     torchrun = shutil.which('torchrun') or str(BIN / 'torchrun')
     out = tmp_path / 'nccl'
-    r = run([torchrun, '--nproc_per_node', '2', '--master_port', '29533', '--no-python'] + cli('niff_train') + TINY +
+    r = run([torchrun, '--nproc_per_node', '2', '--master_port', free_port(), '--no-python'] + cli('niff_train') + TINY +
             ['--epochs', '1', '--device', 'auto', '--amp', '--out', str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(l)['epoch'] for l in (out / 'metrics.jsonl').read_text().splitlines()] == [1]
