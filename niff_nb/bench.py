@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from .core import ArgumentError, check_choice, check_int
 from .fourier import batched_fft
 from .layers import NIFFDepthwise, fft_filter
-from .convert import ARCHS, EXTRA_ARCHS, all_variants, create_model
+from .zoo import ARCHS, EXTRA_ARCHS, all_variants, create_model
 from .cost import _as_inputs, _outputs_sum, count_flops, map_sized_conv
 
 # %% auto #0

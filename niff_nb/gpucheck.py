@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import niff_nb
-from .convert import all_variants
+from .zoo import all_variants
 from .data import fake_fashion_mnist
 from .train import (SYNC_EVERY, build_loaders, build_model, build_optimizer, load_checkpoint, niff_train, read_metrics,
                            recipe, setup_runtime, to_channels_last, train_one_epoch)

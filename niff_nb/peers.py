@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fourier import batched_fft
-from .convert import (ConversionReport, conv_candidates, conv_kind, feature_map_sizes, n_params, register_variant,
-                             replace_conv)
+from .convert import ConversionReport, conv_candidates, conv_kind, feature_map_sizes, n_params, replace_conv
+from .zoo import register_variant
 from .cost import count_flops
 
 # %% auto #0

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .core import ArgumentError, as_device, check_choice, is_int
-from .convert import ARCHS, EXTRA_ARCHS, all_variants, create_model
+from .zoo import ARCHS, EXTRA_ARCHS, all_variants, create_model
 from .data import (BAD_IMAGES, DATASETS, BatchTransform, check_dataset, dataset_info, get_dataloaders, get_dataset,
                           make_loader, seed_for, set_epoch, subset_dataset)
 

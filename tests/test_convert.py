@@ -382,7 +382,7 @@ def test_feature_map_sizes_leaves_the_model_alone():
 
 # ---------------------------------------------------------------- plugin variant registry
 def test_registry_registers_builds_and_rejects():
-    from niff_nb import convert as C
+    from niff_nb import zoo as C
 
     def keep(model, *, stem, input_size, tag='x'):
         model.niff_report = ConversionReport([], n_params(model), n_params(model))

@@ -186,17 +186,17 @@ def test_layer_and_model_benchmarks_small():
 
 
 def test_benchmarks_use_the_one_model_registry():
-    from niff_nb import convert
+    from niff_nb import convert, zoo
     fail_(lambda: model_benchmark('smallcnn', ('baseline', 'nope')), contains="variants='nope' is not supported")
     def tiny(model, *, stem=False, input_size=None):
         model.niff_report = convert.ConversionReport([], 0, 0)
         return model
-    convert.register_variant('tiny_bench_test', tiny)
+    zoo.register_variant('tiny_bench_test', tiny)
     try:
         m = model_benchmark('smallcnn', ('baseline', 'tiny_bench_test'), batch=2, size=16, repeats=1, warmup=0, threads=1, flops=False)
         eq_(m.names, ['baseline', 'tiny_bench_test'])
     finally:
-        del convert._CONVERTERS['tiny_bench_test']
+        del zoo._CONVERTERS['tiny_bench_test']
 
 
 def test_old_cost_names_still_import():
