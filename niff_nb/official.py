@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -49,10 +50,16 @@ STRIP_PREFIXES = ('module.', '_orig_mod.')
 def _is_state_dict(d) -> bool:
     return isinstance(d, Mapping) and len(d) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
+def _allowing(*types):
+    "A context in which `torch.load(weights_only=True)` accepts `types` (torch < 2.5 has only the process-wide allow-list)."
+    if hasattr(torch.serialization, 'safe_globals'): return torch.serialization.safe_globals(list(types))
+    torch.serialization.add_safe_globals(list(types))
+    return contextlib.nullcontext()
+
 def _load_file(path: Path):
     if not path.is_file(): raise ArgumentError(f"state_dict: the checkpoint {str(path)!r} is not a file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):      # training scripts store their arguments too
+        with _allowing(argparse.Namespace):                                # training scripts store their arguments too
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise ArgumentError(f"state_dict: {str(path)!r} holds objects that torch.load(weights_only=True) refuses; if you trust "
