@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .core import ArgumentError, check_choice, check_int
-from .fourier import batched_fft
-from .layers import NIFFDepthwise, fft_filter
+from .globalfilter import GlobalFilter
+from .layers import NIFFDepthwise
 from .zoo import ARCHS, EXTRA_ARCHS, all_variants, create_model
 from .cost import _as_inputs, _outputs_sum, count_flops, map_sized_conv
 
@@ -197,18 +197,14 @@ def benchmark(fns: Mapping[str, Callable], inputs, *, modes: Sequence[str] = ('f
     return BenchResult(times, mem, baseline, info)
 
 # %% ../nbs/07a_bench.ipynb #caf773b2
-class RawFFTFilter(nn.Module):
-    "The raw learned global filter (GFNet): a complex parameter W (C, H, W//2+1); y = irfft2(rfft2(x) * W)."
+class RawFFTFilter(GlobalFilter):
+    "The raw learned filter at one size, the benchmarks' reference: `GlobalFilter` with GFNet's initialisation, other sizes refused."
     def __init__(self, channels: int, h: int, w: int, fused: bool = False):
-        super().__init__()
-        check_int('channels', channels); check_int('h', h); check_int('w', w)
-        self.weight = nn.Parameter(torch.randn(channels, h, w // 2 + 1, dtype=torch.complex64) * 0.02)
-        self.size, self.fused = (h, w), fused
+        super().__init__(channels, (h, w), init='gfnet', fused=fused)
 
     def forward(self, x):
         if tuple(x.shape[-2:]) != self.size: raise ArgumentError(f"RawFFTFilter was built for {self.size} maps; got {tuple(x.shape[-2:])}")
-        if self.fused: return fft_filter(x, self.weight)
-        return batched_fft(torch.fft.irfft2, batched_fft(torch.fft.rfft2, x, 2) * self.weight, 2, s=self.size)
+        return super().forward(x)
 
 def layer_candidates(size: int, channels: int = 64, spatial: bool = False, conv3: bool = True) -> dict:
     """Depthwise candidates for an size x size map: 3x3 conv, (optionally) map-sized spatial conv, NIFF, raw filter (plain and fused).

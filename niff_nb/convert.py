@@ -17,6 +17,7 @@ import torch.nn as nn
 import torchvision
 
 from .layers import BOUNDARIES, COORDS, MLP_PRESETS, SPECTRA, NIFFConv2d, NIFFDepthwise, resolve_mlp
+from .core import ArgumentError, as_pair, check_choice
 from .padding import PAD_MODES
 
 # %% auto #0
@@ -25,13 +26,6 @@ __all__ = ['FM_PADDINGS', 'FORMS', 'POLICY_KEYS', 'n_params', 'conv_kind', 'is_s
            'niffify']
 
 # %% ../nbs/03_convert.ipynb #cd92846d
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}")
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
 def n_params(module: nn.Module) -> int:
     "Number of parameters of `module` (works on the meta device too)."
     return sum(p.numel() for p in module.parameters())
@@ -46,7 +40,7 @@ def is_same_size(conv: nn.Conv2d) -> bool:
     "Whether `conv` at stride 1 keeps the feature-map size: `padding='same'`, or odd kernels with padding d·(k-1)/2."
     if isinstance(conv.padding, str): return conv.padding == 'same'
     return all(k % 2 == 1 and p == d * (k - 1) // 2
-               for k, p, d in zip(conv.kernel_size, _pair(conv.padding), _pair(conv.dilation)))
+               for k, p, d in zip(conv.kernel_size, as_pair(conv.padding), as_pair(conv.dilation)))
 
 # %% ../nbs/03_convert.ipynb #22739b08
 def _same_padding(kernel_size, dilation=(1, 1)):
@@ -57,7 +51,7 @@ class SpatialSeparable(nn.Sequential):
     "A spatial depthwise convolution followed by a 1x1: the paper's 'separated' ablation, and 'spatial_fm' with map-sized kernels."
     def __init__(self, in_channels: int, out_channels: int, kernel_size, groups: int = 1, bias: bool = False,
                  dilation=1, padding_mode: str = 'zeros'):
-        k, d = _pair(kernel_size), _pair(dilation)
+        k, d = as_pair(kernel_size), as_pair(dilation)
         super().__init__(OrderedDict(
             depthwise=nn.Conv2d(in_channels, in_channels, k, padding=_same_padding(k, d), dilation=d, groups=in_channels,
                                 bias=False, padding_mode=padding_mode),
@@ -74,16 +68,16 @@ FM_PADDINGS = ('zeros', 'circular', 'reflect')
 
 def fm_kernel_size(size, kernel_size=1, padding_mode: str = 'zeros') -> tuple[int, int]:
     "Odd kernel size 2(n//2)+1 per dimension for a feature map of `size` (n or (h, w)); with zero padding never below `kernel_size`."
-    _choice('padding_mode', padding_mode, FM_PADDINGS)
-    size, k = _pair(size), _pair(kernel_size)
+    check_choice('padding_mode', padding_mode, FM_PADDINGS)
+    size, k = as_pair(size), as_pair(kernel_size)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in size):
-        raise ValueError(f"size must be a positive int or a pair of them; got {size!r}")
+        raise ArgumentError(f"size must be a positive int or a pair of them; got {size!r}")
     m = tuple(2 * (n // 2) + 1 for n in size)
     return tuple(max(a, b) for a, b in zip(m, k)) if padding_mode == 'zeros' else m
 
 def embed_kernel(w: torch.Tensor, size) -> torch.Tensor:
     "Place kernels `w` (..., kh, kw) at the centre (h//2, w//2) of zero kernels of `size` (cropping if `size` is smaller)."
-    out = w.new_zeros(*w.shape[:-2], *_pair(size))
+    out = w.new_zeros(*w.shape[:-2], *as_pair(size))
     src, dst = [], []
     for s, d in zip(w.shape[-2:], out.shape[-2:]):
         off = d // 2 - s // 2
@@ -93,9 +87,9 @@ def embed_kernel(w: torch.Tensor, size) -> torch.Tensor:
     return out
 
 def _input_hw(input_size) -> tuple[int, int]:
-    hw = _pair(input_size) if isinstance(input_size, (int, tuple, list)) else None
+    hw = as_pair(input_size) if isinstance(input_size, (int, tuple, list)) else None
     if hw is None or len(hw) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in hw):
-        raise ValueError(f"input_size must be a positive int or a (height, width) pair; got {input_size!r}")
+        raise ArgumentError(f"input_size must be a positive int or a (height, width) pair; got {input_size!r}")
     return hw
 
 # %% ../nbs/03_convert.ipynb #41093a7b
@@ -125,17 +119,17 @@ FORMS = ('niff', 'niff_full', 'separated', 'spatial_fm')
 POLICY_KEYS = ('form', 'mlp', 'full_mlp', 'bias', 'keep_1x1', 'boundary', 'pad', 'coords', 'spectrum', 'act', 'fm_padding')
 
 def _check_settings(s: dict, where: str = ''):
-    _choice(f'{where}form', s['form'], FORMS)
+    check_choice(f'{where}form', s['form'], FORMS)
     resolve_mlp(s['mlp'], s['act']); resolve_mlp(s['full_mlp'], s['act'])
-    _choice(f'{where}bias', s['bias'], (None, True, False))
-    _choice(f'{where}keep_1x1', s['keep_1x1'], (True, False))
-    _choice(f'{where}boundary', s['boundary'], BOUNDARIES)
-    _choice(f'{where}pad', s['pad'], (None,) + PAD_MODES)
-    _choice(f'{where}coords', s['coords'], COORDS)
-    _choice(f'{where}spectrum', s['spectrum'], SPECTRA)
-    _choice(f'{where}fm_padding', s['fm_padding'], (None,) + FM_PADDINGS)
+    check_choice(f'{where}bias', s['bias'], (None, True, False))
+    check_choice(f'{where}keep_1x1', s['keep_1x1'], (True, False))
+    check_choice(f'{where}boundary', s['boundary'], BOUNDARIES)
+    check_choice(f'{where}pad', s['pad'], (None,) + PAD_MODES)
+    check_choice(f'{where}coords', s['coords'], COORDS)
+    check_choice(f'{where}spectrum', s['spectrum'], SPECTRA)
+    check_choice(f'{where}fm_padding', s['fm_padding'], (None,) + FM_PADDINGS)
     if s['boundary'] == 'linear' and s['pad'] is not None:
-        raise ValueError(f"{where}pad={s['pad']!r} only applies to boundary='circular'; boundary='linear' already zero-pads")
+        raise ArgumentError(f"{where}pad={s['pad']!r} only applies to boundary='circular'; boundary='linear' already zero-pads")
 
 def _decision(dec, defaults, name):
     "Turn one policy decision into the settings for layer `name`, or None to keep it spatial."
@@ -143,23 +137,23 @@ def _decision(dec, defaults, name):
     if dec is None or dec is False: return None
     if dec is True: return dict(defaults)
     if isinstance(dec, str):
-        _choice(f'{where}form', dec, FORMS)
+        check_choice(f'{where}form', dec, FORMS)
         return {**defaults, 'form': dec}
     if isinstance(dec, Mapping):
         bad = [k for k in dec if k not in POLICY_KEYS]
-        if bad: raise ValueError(f"{where}unknown key(s) {bad}; accepted keys are {', '.join(POLICY_KEYS)}")
+        if bad: raise ArgumentError(f"{where}unknown key(s) {bad}; accepted keys are {', '.join(POLICY_KEYS)}")
         s = {**defaults, **dec}
         _check_settings(s, where)
         return s
-    raise ValueError(f"{where}must be True, False/None, a form ({', '.join(FORMS)}) or a dict of settings; got {dec!r}")
+    raise ArgumentError(f"{where}must be True, False/None, a form ({', '.join(FORMS)}) or a dict of settings; got {dec!r}")
 
 def _check_policy(policy, defaults):
     if policy is None or callable(policy): return
     if not isinstance(policy, Mapping):
-        raise ValueError("policy must be None, a callable policy(name, conv) -> decision, "
+        raise ArgumentError("policy must be None, a callable policy(name, conv) -> decision, "
                          f"or a dict {{name pattern: decision}}; got {type(policy).__name__}")
     for pat, dec in policy.items():
-        if not isinstance(pat, str): raise ValueError(f"policy keys must be layer-name patterns (str); got {pat!r}")
+        if not isinstance(pat, str): raise ArgumentError(f"policy keys must be layer-name patterns (str); got {pat!r}")
         _decision(dec, defaults, pat)   # validate every decision up front, matched or not
 
 def _settings_for(policy, name, conv, defaults):
@@ -306,12 +300,12 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
     a form, or a dict overriding any of `POLICY_KEYS`. Stride > 1 convolutions, 1x1s, size-changing convolutions and
     (unless `stem=True`) the first convolution stay spatial. Converts in place unless `copy=True`; returns the model,
     which carries a `ConversionReport` as `model.niff_report`."""
-    if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if not isinstance(model, nn.Module): raise ArgumentError(f"model must be an nn.Module; got {type(model).__name__}")
     defaults = dict(form=form, mlp=mlp, full_mlp=full_mlp, bias=bias, keep_1x1=keep_1x1, boundary=boundary, pad=pad,
                     coords=coords, spectrum=spectrum, act=act, fm_padding=fm_padding)
     _check_settings(defaults)
     _check_policy(policy, defaults)
-    _choice('stem', stem, (True, False))
+    check_choice('stem', stem, (True, False))
     if copy: model = _copy.deepcopy(model)
     before = n_params(model)
     rows, candidates = conv_candidates(model, stem)
@@ -324,7 +318,7 @@ def niffify(model: nn.Module, form: str = 'niff', *, mlp='big', full_mlp='full',
     sizes = {}
     if any(s['form'] == 'spatial_fm' for _, _, s, _ in plan):
         if input_size is None:
-            raise ValueError("input_size=None: form 'spatial_fm' sizes its kernels to the feature maps; "
+            raise ArgumentError("input_size=None: form 'spatial_fm' sizes its kernels to the feature maps; "
                              "pass input_size as an int or a (height, width) pair")
         sizes = feature_map_sizes(model, input_size)
     for name, conv, s, row in plan:

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['HALF_DTYPES', 'ArgumentError', 'is_int', 'check_choice', 'check_int', 'check_float', 'check_pair', 'check_tensor',
-           'fft_dtype', 'autocast_enabled', 'no_autocast', 'as_device', 'device_sync', 'time_call']
+__all__ = ['HALF_DTYPES', 'ArgumentError', 'is_int', 'check_choice', 'check_int', 'check_float', 'as_pair', 'check_pair',
+           'check_tensor', 'check_input', 'fft_dtype', 'autocast_enabled', 'no_autocast', 'as_device', 'device_sync',
+           'time_call']
 
 # %% ../nbs/00_core.ipynb #f019ed06
 class ArgumentError(ValueError, TypeError):
@@ -48,13 +49,19 @@ def check_float(name: str, value, low: float | None = None, high: float | None =
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        lo = '' if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = '' if high is None else f"{'<' if high_open else '<='} {high:g}"
-        rng = ' and '.join(s for s in (lo, hi) if s)
-        raise ArgumentError(f"{name} must be a finite number{' ' + rng if rng else ''}; got {value!r}")
+        if low is not None and high is not None:
+            rng = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None: rng = f" {'>' if low_open else '>='} {low:g}"
+        elif high is not None: rng = f" {'<' if high_open else '<='} {high:g}"
+        else: rng = ' (finite)'
+        raise ArgumentError(f"{name} must be a number{rng}; got {value!r}")
     return float(value)
 
 # %% ../nbs/00_core.ipynb #9889d0dc
+def as_pair(value) -> tuple:
+    "(value, value) for a single number, else `tuple(value)`: the reading of size, padding and dilation arguments."
+    return (value, value) if isinstance(value, numbers.Number) else tuple(value)
+
 def check_pair(name: str, value) -> tuple[int, int]:
     "(h, w) from an int or a pair of positive ints."
     if is_int(value): value = (value, value)
@@ -73,6 +80,15 @@ def check_tensor(name: str, x, ndim: int | None = None, *, real_float: bool = Tr
         raise ArgumentError(f"{name} must be a {ndim}-D tensor{what}; got shape {tuple(x.shape)}{hint}")
     if real_float and (x.is_complex() or not x.is_floating_point()):
         raise ArgumentError(f"{name} must have a real floating-point dtype (float16, bfloat16, float32, float64); got {x.dtype}")
+    return x
+
+# %% ../nbs/00_core.ipynb #7befa26e
+def check_input(module, x, channels: int) -> torch.Tensor:
+    "`x` if it is a real floating-point (N, C, H, W) tensor with `channels` channels, for the layer `module`."
+    name = type(module).__name__
+    check_tensor('x', x, 4, what=f' for {name} of shape (N, C, H, W) = (batch, channels, height, width)')
+    if x.shape[1] != channels:
+        raise ArgumentError(f"{name} expects {channels} input channels (in_channels={channels}); the input has {x.shape[1]} channels")
     return x
 
 # %% ../nbs/00_core.ipynb #da686070

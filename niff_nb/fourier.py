@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .core import ArgumentError, as_device, check_int, time_call
 
 # %% auto #0
 __all__ = ['batched_fft', 'dft_matrix', 'dft', 'idft', 'fft_radix2', 'dft2', 'circular_flip', 'circular_conv1d',
@@ -25,11 +25,11 @@ _FLOAT_OR_COMPLEX = "a floating dtype (float16, bfloat16, float32, float64) or a
 def _check_tensor(x, name: str, min_ndim: int = 1) -> None:
     "Raise unless `x` is a float/complex `torch.Tensor` with at least `min_ndim` dims."
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        raise ArgumentError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"`{name}` must have {_FLOAT_OR_COMPLEX}, got {x.dtype}")
+        raise ArgumentError(f"`{name}` must have {_FLOAT_OR_COMPLEX}, got {x.dtype}")
     if x.ndim < min_ndim:
-        raise ValueError(f"`{name}` must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+        raise ArgumentError(f"`{name}` must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
 
 
 def _as_complex(x: torch.Tensor, name: str = "x") -> torch.Tensor:
@@ -42,8 +42,8 @@ def _as_complex(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 def _check_positive_int(v, name: str) -> int:
     "Return `v` if it is a positive int (bools rejected), else raise naming `name`."
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"`{name}` must be a positive int, got {type(v).__name__} {v!r}")
-    if v < 1: raise ValueError(f"`{name}` must be a positive int (>= 1), got {v}")
+        raise ArgumentError(f"`{name}` must be a positive int, got {type(v).__name__} {v!r}")
+    if v < 1: raise ArgumentError(f"`{name}` must be a positive int (>= 1), got {v}")
     return v
 
 # %% ../nbs/00_fourier.ipynb #2df76919
@@ -69,9 +69,9 @@ def dft_matrix(
     device: torch.device | str | None = None,  # where to build the matrix (default: CPU)
 ) -> torch.Tensor:  # (N, N) matrix with entries exp(-2*pi*i*k*n/N)
     "The $N\\times N$ DFT matrix $W_{kn}=e^{-2\\pi i kn/N}$, so that `x @ W` is the DFT of `x` along its last dim."
-    _check_positive_int(n, "n")
+    check_int("`n`", n)
     if dtype not in (torch.complex64, torch.complex128):
-        raise TypeError(f"`dtype` must be torch.complex64 or torch.complex128, got {dtype}")
+        raise ArgumentError(f"`dtype` must be torch.complex64 or torch.complex128, got {dtype}")
     idx = torch.arange(n, device=device)
     kn = torch.outer(idx, idx) % n  # exact integer reduction: omega**N == 1
     angle = (-2 * math.pi / n) * kn.to(torch.float64)
@@ -81,7 +81,7 @@ def dft_matrix(
 def _check_dim(x: torch.Tensor, dim: int) -> int:
     "Normalise `dim` to a non-negative index of `x`, or raise naming `dim`."
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
-        raise ValueError(f"`dim` must be an int in [{-x.ndim}, {x.ndim - 1}] for a tensor of shape {tuple(x.shape)}, got {dim!r}")
+        raise ArgumentError(f"`dim` must be an int in [{-x.ndim}, {x.ndim - 1}] for a tensor of shape {tuple(x.shape)}, got {dim!r}")
     return dim % x.ndim
 
 
@@ -129,7 +129,7 @@ def fft_radix2(
     x = _as_complex(x, "x")
     n = x.shape[-1]
     if not _is_power_of_two(n):
-        raise ValueError(f"`x` must have a last dimension that is a power of two (1, 2, 4, 8, ...), got {n} (shape {tuple(x.shape)})")
+        raise ArgumentError(f"`x` must have a last dimension that is a power of two (1, 2, 4, 8, ...), got {n} (shape {tuple(x.shape)})")
     return _fft_radix2_rec(x)
 
 # %% ../nbs/00_fourier.ipynb #5b15db11
@@ -147,11 +147,11 @@ def circular_flip(
 ) -> torch.Tensor:  # `y` with y[n] = x[(-n) mod N] along each of `dims`
     "Circular index reversal $n\\mapsto(-n) \\bmod N$ along `dims`: index 0 stays, the rest reverses."
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+        raise ArgumentError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     for d in dims:
         if not -x.ndim <= d < x.ndim:
-            raise ValueError(f"`dims` entries must be in [{-x.ndim}, {x.ndim - 1}] for shape {tuple(x.shape)}, got {d}")
+            raise ArgumentError(f"`dims` entries must be in [{-x.ndim}, {x.ndim - 1}] for shape {tuple(x.shape)}, got {d}")
     return torch.roll(torch.flip(x, dims), shifts=(1,) * len(dims), dims=dims)
 
 # %% ../nbs/00_fourier.ipynb #6100985e
@@ -161,11 +161,11 @@ def _check_conv_args(x, k, signal_ndim: int) -> tuple[torch.Tensor, torch.Tensor
     _check_tensor(k, "k", min_ndim=signal_ndim)
     if k.ndim > x.ndim or k.shape != x.shape[x.ndim - k.ndim:]:
         want = tuple(x.shape[-signal_ndim:])
-        raise ValueError(
+        raise ArgumentError(
             f"`k` must have the signal shape {want} of `x`, optionally with leading dims equal to the trailing "
             f"leading dims of `x` (shape {tuple(x.shape)}); got `k` of shape {tuple(k.shape)}")
     if x.device != k.device:
-        raise ValueError(f"`x` and `k` must be on the same device, got {x.device} and {k.device}")
+        raise ArgumentError(f"`x` and `k` must be on the same device, got {x.device} and {k.device}")
     dtype = torch.promote_types(x.dtype, k.dtype)
     return x.to(dtype), k.to(dtype)
 
@@ -228,7 +228,7 @@ def conv_cost_spatial(
     k: int,  # the kernel is k x k
 ) -> int:  # multiply-adds
     "Multiply-adds of a direct 2-D convolution: $n^2$ outputs times $k^2$ taps, $n\\cdot n\\cdot k\\cdot k$."
-    _check_positive_int(n, "n"); _check_positive_int(k, "k")
+    check_int("`n`", n); check_int("`k`", k)
     return n * n * k * k
 
 
@@ -238,11 +238,11 @@ def conv_cost_fft(
     n_transforms: int = 3,  # FFTs per convolution: 3 (map, kernel, inverse) or 2 (kernel given in frequency)
 ) -> float:  # operations, model: n_transforms * c * n^2 * log2(n^2) + n^2
     "Cost model of a circular convolution via the FFT: `n_transforms` 2-D FFTs at $c\\,n^2\\log_2 n^2$ plus $n^2$ complex products."
-    _check_positive_int(n, "n")
+    check_int("`n`", n)
     if isinstance(n_transforms, bool) or n_transforms not in (2, 3):
-        raise ValueError(f"`n_transforms` must be 2 (kernel already in frequency) or 3 (map, kernel, inverse), got {n_transforms!r}")
+        raise ArgumentError(f"`n_transforms` must be 2 (kernel already in frequency) or 3 (map, kernel, inverse), got {n_transforms!r}")
     if not (isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c > 0):
-        raise ValueError(f"`c` must be a positive finite number, got {c!r}")
+        raise ArgumentError(f"`c` must be a positive finite number, got {c!r}")
     return n_transforms * c * n * n * math.log2(n * n) + n * n
 
 # %% ../nbs/00_fourier.ipynb #eaabedee
@@ -253,15 +253,15 @@ def conv2d_circular_spatial(
     "2-D circular convolution with `F.conv2d`: circular padding by `k-1` and a flipped kernel (index 0 at the origin)."
     _check_tensor(x, "x", min_ndim=2); _check_tensor(k, "k", min_ndim=2)
     if x.is_complex() or k.is_complex():
-        raise TypeError(f"`x` and `k` must be real floating tensors for conv2d, got {x.dtype} and {k.dtype}")
+        raise ArgumentError(f"`x` and `k` must be real floating tensors for conv2d, got {x.dtype} and {k.dtype}")
     if k.ndim not in (2, 3):
-        raise ValueError(f"`k` must have shape (kh, kw) or (C, kh, kw), got {tuple(k.shape)}")
+        raise ArgumentError(f"`k` must have shape (kh, kw) or (C, kh, kw), got {tuple(k.shape)}")
     H, W = x.shape[-2:]
     kh, kw = k.shape[-2:]
     if kh > H or kw > W:
-        raise ValueError(f"`k` must be at most as large as the map {(H, W)} in its last two dims, got {(kh, kw)}")
+        raise ArgumentError(f"`k` must be at most as large as the map {(H, W)} in its last two dims, got {(kh, kw)}")
     if k.ndim == 3 and (x.ndim < 3 or x.shape[-3] != k.shape[0]):
-        raise ValueError(f"`k` of shape {tuple(k.shape)} needs `x` of shape (..., {k.shape[0]}, H, W), got {tuple(x.shape)}")
+        raise ArgumentError(f"`k` of shape {tuple(k.shape)} needs `x` of shape (..., {k.shape[0]}, H, W), got {tuple(x.shape)}")
     dtype = torch.promote_types(x.dtype, k.dtype)
     C = k.shape[0] if k.ndim == 3 else 1
     xb = x.to(dtype).reshape(-1, C, H, W)
@@ -278,18 +278,6 @@ class ConvTiming(NamedTuple):
     fft_ms: float
 
 
-def _median_ms(fn: Callable[[], torch.Tensor], repeats: int, warmup: int, device: torch.device) -> float:
-    "Median wall time of `fn()` in milliseconds over `repeats` runs, after `warmup` untimed runs."
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup): fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def time_conv(
     n: int,  # the feature map is n x n
     k: int | None = None,  # the kernel is k x k; None = as large as the map
@@ -302,13 +290,13 @@ def time_conv(
     threads: int | None = None,  # CPU threads while timing (restored afterwards); None = leave torch's setting
 ) -> ConvTiming:
     "Median wall time of a circular 2-D convolution done spatially (`F.conv2d`) and via `rfft2`/`irfft2`."
-    _check_positive_int(n, "n"); _check_positive_int(repeats, "repeats")
-    _check_positive_int(channels, "channels"); _check_positive_int(batch, "batch")
+    check_int("`n`", n); check_int("`repeats`", repeats)
+    check_int("`channels`", channels); check_int("`batch`", batch)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"`warmup` must be a non-negative int, got {warmup!r}")
-    k = n if k is None else _check_positive_int(k, "k")
-    if threads is not None: _check_positive_int(threads, "threads")
-    if k > n: raise ValueError(f"`k` must be at most `n` ({n}) for a circular convolution, got {k}")
+        raise ArgumentError(f"`warmup` must be a non-negative int, got {warmup!r}")
+    k = n if k is None else check_int("`k`", k)
+    if threads is not None: check_int("`threads`", threads)
+    if k > n: raise ArgumentError(f"`k` must be at most `n` ({n}) for a circular convolution, got {k}")
     device = torch.device("cpu" if device is None else device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, n, n, generator=gen, dtype=dtype).to(device)
@@ -318,8 +306,8 @@ def time_conv(
     try:
         if threads is not None: torch.set_num_threads(threads)
         with torch.no_grad():
-            spatial = _median_ms(lambda: conv2d_circular_spatial(x, w), repeats, warmup, device)
-            fft = _median_ms(fft_route, repeats, warmup, device)
+            spatial = 1e3 * time_call(lambda: conv2d_circular_spatial(x, w), device, repeats, warmup)
+            fft = 1e3 * time_call(fft_route, device, repeats, warmup)
     finally:
         torch.set_num_threads(old_threads)
     return ConvTiming(n, k, spatial, fft)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ArgumentError, check_choice, check_int, check_tensor, fft_dtype, no_autocast
+from .core import ArgumentError, check_choice, check_input, check_int, check_tensor, fft_dtype, no_autocast
 from .padding import PAD_MODES, centre_kernel, crop2d, feature_map_pads, pad2d
 
 # %% auto #0
@@ -253,11 +253,6 @@ def frequency_conv(x: torch.Tensor, filter_at: Callable[[int, int], torch.Tensor
     return y if bias is None else y + bias.to(y.dtype)[:, None, None]
 
 # %% ../nbs/02_layers.ipynb #f7812476
-def _check_layer_input(module: nn.Module, x, in_channels: int):
-    check_tensor('x', x, 4, what=f' for {type(module).__name__} (batch, channels, height, width)')
-    if x.shape[1] != in_channels:
-        raise ArgumentError(f"{type(module).__name__} expects in_channels={in_channels}; the input has {x.shape[1]} channels")
-
 def _tracing_or_compiling() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
@@ -335,7 +330,7 @@ class NIFFBase(nn.Module):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_layer_input(self, x, self.in_channels)
+        check_input(self, x, self.in_channels)
         if x.shape[0] == 0: return x.new_zeros((0, self.out_channels) + tuple(x.shape[-2:]))
         with no_autocast(x.device.type):
             y = self._frequency(x.to(fft_dtype(x.dtype)))

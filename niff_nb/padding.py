@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
+
+from .core import ArgumentError, check_choice, check_int, is_int
 
 from .fourier import batched_fft
 
@@ -21,7 +22,7 @@ __all__ = ['PAD_MODES', 'centre_kernel', 'uncentre_kernel', 'embed_kernel', 'cir
 # %% ../nbs/01_padding.ipynb #3957ccc0
 def _check_kernel_rank(k, name: str = 'k'):
     if not isinstance(k, torch.Tensor) or k.dim() < 2:
-        raise ValueError(f"{name} must be a tensor with at least 2 dims (..., height, width); got {getattr(k, 'shape', type(k))}")
+        raise ArgumentError(f"{name} must be a tensor with at least 2 dims (..., height, width); got {getattr(k, 'shape', type(k))}")
 
 def centre_kernel(k: torch.Tensor) -> torch.Tensor:
     "Move a kernel whose centre tap is at index (0, 0) so that it sits at (h//2, w//2)."
@@ -36,19 +37,13 @@ def uncentre_kernel(k: torch.Tensor) -> torch.Tensor:
     return torch.roll(k, shifts=(-(h // 2), -(w // 2)), dims=(-2, -1))
 
 # %% ../nbs/01_padding.ipynb #3d086bc4
-def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-def _check_size(v, name: str):
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"{name} must be a positive int; got {v!r}")
-
 def embed_kernel(k: torch.Tensor, h: int, w: int) -> torch.Tensor:
     "Zero-pad a centred kernel (..., kh, kw) to (..., h, w) around its centre, so the result is centred too."
     _check_kernel_rank(k)
-    _check_size(h, 'h'); _check_size(w, 'w')
+    check_int('h', h); check_int('w', w)
     kh, kw = k.shape[-2:]
     if kh > h or kw > w:
-        raise ValueError(f"k ({kh}x{kw}) must fit in the frame h x w = {h}x{w}")
+        raise ArgumentError(f"k ({kh}x{kw}) must fit in the frame h x w = {h}x{w}")
     top, left = h // 2 - kh // 2, w // 2 - kw // 2
     return F.pad(k, (left, w - kw - left, top, h - kh - top))
 
@@ -60,27 +55,27 @@ def _shape(v): return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)
 
 def _check_x4(x):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (batch, channels, height, width); got {_shape(x)}")
+        raise ArgumentError(f"x must be a 4-D tensor (batch, channels, height, width); got {_shape(x)}")
 
 def _check_conv_args(x, k, groups):
     _check_x4(x)
     if not isinstance(k, torch.Tensor) or k.dim() not in (3, 4):
-        raise ValueError(f"k must be (channels, kh, kw) for a depthwise kernel or (out, in/groups, kh, kw); got {_shape(k)}")
+        raise ArgumentError(f"k must be (channels, kh, kw) for a depthwise kernel or (out, in/groups, kh, kw); got {_shape(k)}")
     for name, t in (('x', x), ('k', k)):
         if not (t.is_floating_point() or t.is_complex()):
-            raise TypeError(f"{name} must be a floating-point tensor (float32, float64, ...); got {t.dtype}")
+            raise ArgumentError(f"{name} must be a floating-point tensor (float32, float64, ...); got {t.dtype}")
         if t.shape[-2] < 1 or t.shape[-1] < 1:
-            raise ValueError(f"{name} must have non-empty height and width; got {tuple(t.shape)}")
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive int; got {groups!r}")
+            raise ArgumentError(f"{name} must have non-empty height and width; got {tuple(t.shape)}")
+    if not is_int(groups) or groups < 1:
+        raise ArgumentError(f"groups must be a positive int; got {groups!r}")
     C = x.shape[1]
     if k.dim() == 3:
         if k.shape[0] != C:
-            raise ValueError(f"a depthwise k (channels, kh, kw) needs channels = x.shape[1] = {C}; got k of shape {tuple(k.shape)}")
+            raise ArgumentError(f"a depthwise k (channels, kh, kw) needs channels = x.shape[1] = {C}; got k of shape {tuple(k.shape)}")
         if groups not in (1, C):
-            raise ValueError(f"groups must be 1 or {C} (= channels) for a depthwise k of shape {tuple(k.shape)}; got {groups}")
+            raise ArgumentError(f"groups must be 1 or {C} (= channels) for a depthwise k of shape {tuple(k.shape)}; got {groups}")
     elif C % groups or k.shape[0] % groups or k.shape[1] * groups != C:
-        raise ValueError(f"k of shape (out, in/groups, kh, kw) = {tuple(k.shape)} with groups={groups} needs out divisible by groups "
+        raise ArgumentError(f"k of shape (out, in/groups, kh, kw) = {tuple(k.shape)} with groups={groups} needs out divisible by groups "
                          f"and in/groups * groups = x.shape[1] = {C}")
 
 def _spatial_conv2d(x, k, groups, mode):
@@ -89,7 +84,7 @@ def _spatial_conv2d(x, k, groups, mode):
     kh, kw = k.shape[-2:]
     h, w = x.shape[-2:]
     if mode == 'circular' and (kh > h or kw > w):
-        raise ValueError(f"a circular kernel cannot be larger than the input: k is {kh}x{kw}, x is {h}x{w}")
+        raise ArgumentError(f"a circular kernel cannot be larger than the input: k is {kh}x{kw}, x is {h}x{w}")
     ch, cw = kh // 2, kw // 2
     pads = (kw - 1 - cw, cw, kh - 1 - ch, ch)
     xp = F.pad(x, pads, mode=_TORCH_PAD_MODE[mode])
@@ -106,13 +101,13 @@ def linear_conv2d(x: torch.Tensor, k: torch.Tensor, groups: int = 1) -> torch.Te
 # %% ../nbs/01_padding.ipynb #01ccae13
 def _check_real_float(t, name):
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a real floating-point tensor (float32 or float64) for the FFT route; got {t.dtype}")
+        raise ArgumentError(f"{name} must be a real floating-point tensor (float32 or float64) for the FFT route; got {t.dtype}")
 
 def _check_fft_args(x, k, expected: str, shape_ok):
     "Depthwise FFT routes: x is (B, C, H, W), k is a real (C, ., .) kernel; `shape_ok(k)` checks the kernel's shape."
     _check_x4(x)
     if not isinstance(k, torch.Tensor) or k.dim() != 3 or not shape_ok(k):
-        raise ValueError(f"k must have shape {expected}; got {_shape(k)}")
+        raise ArgumentError(f"k must have shape {expected}; got {_shape(k)}")
     _check_conv_args(x, k, 1)
     _check_real_float(x, 'x'); _check_real_float(k, 'k')
 
@@ -137,18 +132,18 @@ def fft_linear_conv2d(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/01_padding.ipynb #3846a50e
 def _check_pad_mode(mode):
     if mode not in _TORCH_PAD_MODE:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, PAD_MODES))}; got {mode!r}")
+        raise ArgumentError(f"mode must be one of {', '.join(map(repr, PAD_MODES))}; got {mode!r}")
 
 def _check_pads(pads) -> tuple[int, int, int, int]:
-    try: ok = len(pads) == 4 and all(_is_int(p) and p >= 0 for p in pads)
+    try: ok = len(pads) == 4 and all(is_int(p) and p >= 0 for p in pads)
     except TypeError: ok = False
     if not ok:
-        raise ValueError(f"pads must be 4 non-negative ints (left, right, top, bottom); got {pads!r}")
+        raise ArgumentError(f"pads must be 4 non-negative ints (left, right, top, bottom); got {pads!r}")
     return tuple(int(p) for p in pads)
 
 def feature_map_pads(h: int, w: int, mode: str = 'zeros') -> tuple[int, int, int, int]:
     "Padding (left, right, top, bottom) that adds as much as the feature map (h, w) itself; 'reflect' is clamped to side - 1."
-    _check_size(h, 'h'); _check_size(w, 'w'); _check_pad_mode(mode)
+    check_int('h', h); check_int('w', w); _check_pad_mode(mode)
     top, bottom, left, right = h // 2, (h + 1) // 2, w // 2, (w + 1) // 2
     if mode == 'reflect':
         top, bottom, left, right = (min(p, s - 1) for p, s in ((top, h), (bottom, h), (left, w), (right, w)))
@@ -161,10 +156,10 @@ def pad2d(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = 'zeros')
     pads = _check_pads(pads)
     h, w = x.shape[-2:]
     if mode == 'reflect' and (max(pads[:2]) >= w or max(pads[2:]) >= h):
-        raise ValueError(f"reflect pads must be smaller than the side they pad (< {w} left/right, < {h} top/bottom); got {pads}; "
+        raise ArgumentError(f"reflect pads must be smaller than the side they pad (< {w} left/right, < {h} top/bottom); got {pads}; "
                          f"feature_map_pads(h, w, 'reflect') clamps them")
     if mode == 'circular' and (max(pads[:2]) > w or max(pads[2:]) > h):
-        raise ValueError(f"circular pads cannot exceed the side they pad (<= {w} left/right, <= {h} top/bottom); got {pads}")
+        raise ArgumentError(f"circular pads cannot exceed the side they pad (<= {w} left/right, <= {h} top/bottom); got {pads}")
     if mode == 'zeros': return F.pad(x, pads)
     y = F.pad(x.reshape(-1, 1, h, w), pads, mode=_TORCH_PAD_MODE[mode])   # every map its own sample: an empty batch is fine
     return y.reshape(*x.shape[:-2], *y.shape[-2:])
@@ -175,7 +170,7 @@ def crop2d(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     left, right, top, bottom = _check_pads(pads)
     h, w = x.shape[-2:]
     if left + right >= w or top + bottom >= h:
-        raise ValueError(f"pads {pads} would remove all of x's {h}x{w} map")
+        raise ArgumentError(f"pads {pads} would remove all of x's {h}x{w} map")
     return x[..., top: h - bottom, left: w - right]
 
 # %% ../nbs/01_padding.ipynb #fdf2bccc
@@ -189,14 +184,14 @@ def fft_padded_conv2d(x: torch.Tensor, k: torch.Tensor, mode: str = 'zeros', pad
     xp = pad2d(x, pads, mode)
     kh, kw = k.shape[-2:]
     if kh > xp.shape[-2] or kw > xp.shape[-1]:
-        raise ValueError(f"k ({kh}x{kw}) must fit in the padded map {tuple(xp.shape[-2:])}")
+        raise ArgumentError(f"k ({kh}x{kw}) must fit in the padded map {tuple(xp.shape[-2:])}")
     return crop2d(fft_circular_conv2d(xp, embed_kernel(k, *xp.shape[-2:])), pads)
 
 # %% ../nbs/01_padding.ipynb #71a9af73
 def dirichlet_kernel(n: int, m: int, bins: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     "Dirichlet kernel sin(pi k n/m) / sin(pi k/m) at frequency `bins` k (default 0..m-1): |DFT| of n ones zero-padded to m."
-    if not _is_int(n) or not _is_int(m) or not 1 <= n <= m:
-        raise ValueError(f"n and m must be ints with 1 <= n <= m (box length n in a frame of m); got n={n!r}, m={m!r}")
+    if not is_int(n) or not is_int(m) or not 1 <= n <= m:
+        raise ArgumentError(f"n and m must be ints with 1 <= n <= m (box length n in a frame of m); got n={n!r}, m={m!r}")
     k = torch.arange(m, dtype=dtype) if bins is None else torch.as_tensor(bins, dtype=dtype)
     num, den = torch.sin(math.pi * k * n / m), torch.sin(math.pi * k / m)
     at_pole = den.abs() < 1e-12                        # k a multiple of m: the limit n cos(pi k n/m) / cos(pi k/m) = +-n

@@ -5,7 +5,6 @@
 # %% ../nbs/08_peers.ipynb #b21302fc
 from __future__ import annotations
 
-import contextlib
 import copy as _copy
 import math
 from collections import OrderedDict
@@ -14,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import ArgumentError, as_pair, check_float, check_input, check_int, no_autocast
 from .fourier import batched_fft
+from .globalfilter import GlobalFilter, interpolate_filter
 from .convert import ConversionReport, conv_candidates, conv_kind, feature_map_sizes, n_params, replace_conv
 from .zoo import register_variant
 from .cost import count_flops
@@ -22,32 +23,13 @@ from .cost import count_flops
 # %% auto #0
 __all__ = ['OCTAVE_ALPHAS', 'OCTAVE_NOTE', 'PEER_VARIANTS', 'PEER_DEFAULTS', 'split_channels', 'octave_pool', 'octave_upsample',
            'low_size', 'OctaveConv', 'OctaveConv2d', 'octave_cost', 'octave_cost_table', 'show_octave_cost_table',
-           'FourierUnit', 'SpectralTransform', 'FFC', 'FFC2d', 'interpolate_filter', 'GlobalFilter', 'GlobalFilterConv',
-           'peerify']
+           'FourierUnit', 'SpectralTransform', 'FFC', 'FFC2d', 'GlobalFilterConv', 'peerify']
 
 # %% ../nbs/08_peers.ipynb #5f1c1adf
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-def _check_ratio(name: str, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1] (the fraction of channels in the second group); got {v!r}")
-    return float(v)
-
-def _check_channels(name: str, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int; got {v!r}")
-
 def split_channels(channels: int, ratio: float) -> tuple[int, int]:
     "(first, second) group sizes for `ratio` of `channels` in the second group, rounded to the nearest channel."
     second = int(round(channels * ratio))
     return channels - second, second
-
-def _check_input(module, x, channels: int):
-    name = type(module).__name__
-    if not isinstance(x, torch.Tensor): raise TypeError(f"{name} expects a tensor; got {type(x).__name__}")
-    if x.dim() != 4: raise ValueError(f"{name} expects input of shape (N, C, H, W); got {tuple(x.shape)}")
-    if x.shape[1] != channels: raise ValueError(f"{name} expects {channels} input channels; got {x.shape[1]}")
-    if not x.is_floating_point(): raise TypeError(f"{name} expects a floating-point input; got {x.dtype}")
 
 def _conv(cin, cout, k, padding, dilation, padding_mode):
     "A bias-free conv, or None when a side has no channels."
@@ -55,15 +37,9 @@ def _conv(cin, cout, k, padding, dilation, padding_mode):
     return nn.Conv2d(cin, cout, k, padding=padding, dilation=dilation, bias=False, padding_mode=padding_mode)
 
 def _same_pad(k, d):
-    k, d = _pair(k), _pair(d)
-    if any(x % 2 == 0 for x in k): raise ValueError(f"kernel_size must be odd (a size-preserving conv); got {k}")
+    k, d = as_pair(k), as_pair(d)
+    if any(x % 2 == 0 for x in k): raise ArgumentError(f"kernel_size must be odd (a size-preserving conv); got {k}")
     return tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
-
-def _fft_region(x: torch.Tensor):
-    "Autocast off for an FFT section (cuFFT half precision needs power-of-two sizes); a no-op where autocast does not exist (meta)."
-    try: on = torch.is_autocast_enabled(x.device.type)
-    except RuntimeError: on = False
-    return torch.autocast(device_type=x.device.type, enabled=False) if on else contextlib.nullcontext()
 
 # %% ../nbs/08_peers.ipynb #4e3166d3
 def octave_pool(x: torch.Tensor) -> torch.Tensor:
@@ -76,18 +52,18 @@ def octave_upsample(x: torch.Tensor, size) -> torch.Tensor:
 
 def low_size(size) -> tuple[int, int]:
     "Spatial size of the low-frequency group for a high-frequency map of `size`."
-    return tuple((n + 1) // 2 for n in _pair(size))
+    return tuple((n + 1) // 2 for n in as_pair(size))
 
 class OctaveConv(nn.Module):
     "Octave convolution on a (high, low) pair: four paths H→H, L→L, H→L (pool, conv) and L→H (conv, upsample)."
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, alpha_in: float = 0.5,
                  alpha_out: float | None = None, dilation=1, bias: bool = False, padding_mode: str = 'zeros'):
         super().__init__()
-        _check_channels('in_channels', in_channels); _check_channels('out_channels', out_channels)
-        alpha_in = _check_ratio('alpha_in', alpha_in)
-        alpha_out = alpha_in if alpha_out is None else _check_ratio('alpha_out', alpha_out)
+        check_int('in_channels', in_channels); check_int('out_channels', out_channels)
+        alpha_in = check_float('alpha_in', alpha_in, 0, 1)
+        alpha_out = alpha_in if alpha_out is None else check_float('alpha_out', alpha_out, 0, 1)
         self.in_channels, self.out_channels, self.alpha_in, self.alpha_out = in_channels, out_channels, alpha_in, alpha_out
-        self.kernel_size = _pair(kernel_size)
+        self.kernel_size = as_pair(kernel_size)
         p = _same_pad(kernel_size, dilation)
         self.in_h, self.in_l = split_channels(in_channels, alpha_in)
         self.out_h, self.out_l = split_channels(out_channels, alpha_out)
@@ -101,13 +77,13 @@ class OctaveConv(nn.Module):
         """(y_h, y_l) from the high group `x_h` (N, in_h, H, W) and the low group `x_l` (N, in_l, ceil(H/2), ceil(W/2));
         a group with no channels is None. `size` = (H, W) is needed only when there is no high input."""
         if (x_h is None) != (self.in_h == 0) or (x_l is None) != (self.in_l == 0):
-            raise ValueError(f"OctaveConv with alpha_in={self.alpha_in} expects x_h with {self.in_h} and x_l with {self.in_l} "
+            raise ArgumentError(f"OctaveConv with alpha_in={self.alpha_in} expects x_h with {self.in_h} and x_l with {self.in_l} "
                              "channels (None for a group with 0 channels)")
         if x_h is not None: size = tuple(x_h.shape[-2:])
-        elif size is None: raise ValueError("size=(H, W) is required when there is no high-frequency input (alpha_in=1)")
-        size = _pair(size)
+        elif size is None: raise ArgumentError("size=(H, W) is required when there is no high-frequency input (alpha_in=1)")
+        size = as_pair(size)
         if x_l is not None and tuple(x_l.shape[-2:]) != low_size(size):
-            raise ValueError(f"x_l must be {low_size(size)} (ceil of half of {size}); got {tuple(x_l.shape[-2:])}")
+            raise ArgumentError(f"x_l must be {low_size(size)} (ceil of half of {size}); got {tuple(x_l.shape[-2:])}")
         y_h = y_l = None
         if self.out_h:
             if self.h2h is not None: y_h = self.h2h(x_h)
@@ -133,7 +109,7 @@ class OctaveConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, alpha: float = 0.5, dilation=1,
                  bias: bool = False, padding_mode: str = 'zeros'):
         super().__init__()
-        self.octave = OctaveConv(in_channels, out_channels, kernel_size, _check_ratio('alpha', alpha), alpha, dilation, bias,
+        self.octave = OctaveConv(in_channels, out_channels, kernel_size, check_float('alpha', alpha, 0, 1), alpha, dilation, bias,
                                  padding_mode)
         self.in_channels, self.out_channels, self.alpha = in_channels, out_channels, float(alpha)
 
@@ -150,7 +126,7 @@ class OctaveConv2d(nn.Module):
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.in_channels)
+        check_input(self, x, self.in_channels)
         size = tuple(x.shape[-2:])
         return self.merge(*self.octave(*self.split(x), size=size), size)
 
@@ -162,8 +138,8 @@ OCTAVE_NOTE = {0.0: (100, 100), 0.125: (82, 91), 0.25: (67, 81), 0.5: (44, 63), 
 def octave_cost(alpha: float, channels: int = 64, size=32, kernel_size=3) -> dict:
     """FLOPs (`count_flops`, one forward) and output activation size (elements) of one `OctaveConv` with
     alpha_in = alpha_out = `alpha` on a `channels`-channel map of `size`, on the meta device (nothing is computed)."""
-    alpha = _check_ratio('alpha', alpha)
-    h, w = _pair(size)
+    alpha = check_float('alpha', alpha, 0, 1)
+    h, w = as_pair(size)
     with torch.device('meta'):
         conv = OctaveConv(channels, channels, kernel_size, alpha)
         x_h = torch.zeros(1, conv.in_h, h, w) if conv.in_h else None
@@ -203,7 +179,7 @@ class FourierUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         dtype = x.dtype
-        with _fft_region(x):
+        with no_autocast(x.device.type):
             xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
             spec = batched_fft(torch.fft.rfft2, xf, 2, norm='ortho')                                    # (N, C, H, W//2+1) complex
             z = torch.stack((spec.real, spec.imag), 2).reshape(n, 2 * c, h, w // 2 + 1)        # channels re0, im0, re1, im1, ...
@@ -231,11 +207,11 @@ class FFC(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, ratio_in: float = 0.5,
                  ratio_out: float | None = None, dilation=1, bias: bool = False, padding_mode: str = 'zeros'):
         super().__init__()
-        _check_channels('in_channels', in_channels); _check_channels('out_channels', out_channels)
-        ratio_in = _check_ratio('ratio_in', ratio_in)
-        ratio_out = ratio_in if ratio_out is None else _check_ratio('ratio_out', ratio_out)
+        check_int('in_channels', in_channels); check_int('out_channels', out_channels)
+        ratio_in = check_float('ratio_in', ratio_in, 0, 1)
+        ratio_out = ratio_in if ratio_out is None else check_float('ratio_out', ratio_out, 0, 1)
         self.in_channels, self.out_channels, self.ratio_in, self.ratio_out = in_channels, out_channels, ratio_in, ratio_out
-        self.kernel_size = _pair(kernel_size)
+        self.kernel_size = as_pair(kernel_size)
         p = _same_pad(kernel_size, dilation)
         self.in_l, self.in_g = split_channels(in_channels, ratio_in)
         self.out_l, self.out_g = split_channels(out_channels, ratio_out)
@@ -248,7 +224,7 @@ class FFC(nn.Module):
     def forward(self, x_l: torch.Tensor | None, x_g: torch.Tensor | None):
         "(y_l, y_g); a group with no channels is None."
         if (x_l is None) != (self.in_l == 0) or (x_g is None) != (self.in_g == 0):
-            raise ValueError(f"FFC with ratio_in={self.ratio_in} expects x_l with {self.in_l} and x_g with {self.in_g} "
+            raise ArgumentError(f"FFC with ratio_in={self.ratio_in} expects x_l with {self.in_l} and x_g with {self.in_g} "
                              "channels (None for a group with 0 channels)")
         def add(*ys):
             ys = [y for y in ys if y is not None]
@@ -269,83 +245,17 @@ class FFC2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, ratio: float = 0.5, dilation=1,
                  bias: bool = False, padding_mode: str = 'zeros'):
         super().__init__()
-        self.ffc = FFC(in_channels, out_channels, kernel_size, _check_ratio('ratio', ratio), ratio, dilation, bias, padding_mode)
+        self.ffc = FFC(in_channels, out_channels, kernel_size, check_float('ratio', ratio, 0, 1), ratio, dilation, bias, padding_mode)
         self.in_channels, self.out_channels, self.ratio = in_channels, out_channels, float(ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.in_channels)
+        check_input(self, x, self.in_channels)
         f = self.ffc
         y_l, y_g = f(x[:, :f.in_l] if f.in_l else None, x[:, f.in_l:] if f.in_g else None)
         parts = [y for y in (y_l, y_g) if y is not None]
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
-# %% ../nbs/08_peers.ipynb #ff927093
-def _signed_bins(n: int, device=None) -> torch.Tensor:
-    "Integer frequency bins of an n-point FFT in FFT order: 0, 1, ..., then the negative ones (fftfreq(n) * n)."
-    k = torch.arange(n, device=device, dtype=torch.float64)
-    return torch.where(k < (n + 1) // 2, k, k - n)
-
-def interpolate_filter(filt: torch.Tensor, src_size, size) -> torch.Tensor:
-    """Resample a half-spectrum filter `filt` (..., h, w//2+1) learned at `src_size` = (h, w) to `size` = (H, W).
-
-    The filter is read as samples of one continuous response over frequency in cycles per pixel, bin (ky, kx) sitting at
-    (ky/h, kx/w): the target bins (Ky/H, Kx/W) are interpolated bilinearly, periodically along the full axis (frequency
-    wraps at 1 cycle/pixel) and through the Hermitian mirror beyond the last stored column. At `size == src_size` it is
-    the identity; a smooth response keeps its shape, so the spatial kernel keeps its size in pixels."""
-    (h, w), (H, W) = _pair(src_size), _pair(size)
-    wr = w // 2 + 1
-    if filt.shape[-2:] != (h, wr):
-        raise ValueError(f"filt must end in (h, w//2+1) = {(h, wr)} for src_size={(h, w)}; got {tuple(filt.shape[-2:])}")
-    if (H, W) == (h, w): return filt
-    dev = filt.device
-    # columns first (the mirror column needs the source rows): target column Kx sits at Kx·w/W source bins
-    ext = filt[..., (-torch.arange(h, device=dev)) % h, w - wr].conj()             # column wr = conj of column w-wr, rows negated
-    g = torch.cat([filt, ext[..., None]], -1)
-    q = torch.arange(W // 2 + 1, device=dev, dtype=torch.float64) * w / W
-    j0 = q.floor().long().clamp(max=wr - 1)
-    t = (q - j0).to(filt.real.dtype)
-    g = g[..., j0] * (1 - t) + g[..., j0 + 1] * t
-    # rows: periodic, target row Ky sits at Ky·h/H source bins
-    p = _signed_bins(H, dev) * h / H
-    i0 = p.floor().long()
-    t = (p - i0)[:, None].to(filt.real.dtype)
-    return g[..., i0 % h, :] * (1 - t) + g[..., (i0 + 1) % h, :] * t
-
-class GlobalFilter(nn.Module):
-    """GFNet's global filter as a depthwise layer: y = irfft2(rfft2(x) · W), one learned complex weight per channel and
-    frequency at `size`; at another input size the filter is interpolated (`interpolate_filter`)."""
-    def __init__(self, channels: int, size, init: str = 'identity', std: float = 0.02, bias: bool = False):
-        super().__init__()
-        _check_channels('channels', channels)
-        self.size = tuple(_pair(size))
-        if len(self.size) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.size):
-            raise ValueError(f"size must be a positive int or an (h, w) pair; got {size!r}")
-        if init not in ('identity', 'gfnet'): raise ValueError(f"init={init!r} is not supported; use one of 'identity', 'gfnet'")
-        h, w = self.size
-        weight = torch.randn(channels, h, w // 2 + 1, 2) * std
-        if init == 'identity': weight[..., 0] += 1          # all-pass start: the layer begins as the identity plus noise
-        self.channels, self.init = channels, init
-        self.weight = nn.Parameter(weight)                   # real view of the complex filter (optimisers see real numbers)
-        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
-
-    def filter(self, size=None) -> torch.Tensor:
-        "The complex filter (C, H, W//2+1) at `size` (default: the size it was built for), interpolated if needed."
-        f = torch.view_as_complex(self.weight.contiguous())   # any memory format (e.g. after model.to(channels_last))
-        return f if size is None else interpolate_filter(f, self.size, size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.channels)
-        dtype, hw = x.dtype, tuple(x.shape[-2:])
-        with _fft_region(x):
-            xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-            filt = self.filter(hw)
-            filt = filt.to(torch.complex128 if xf.dtype == torch.float64 else torch.complex64)
-            y = batched_fft(torch.fft.irfft2, batched_fft(torch.fft.rfft2, xf, 2, norm='ortho') * filt, 2, s=hw, norm='ortho')
-        if self.bias is not None: y = y + self.bias[:, None, None]
-        return y.to(dtype)
-
-    def extra_repr(self) -> str: return f"{self.channels}, size={self.size}, init={self.init!r}"
-
+# %% ../nbs/08_peers.ipynb #169663e8
 class GlobalFilterConv(nn.Sequential):
     "A global filter then a 1x1: the GFNet stand-in for a full (or grouped) convolution, like NIFF's separated block."
     def __init__(self, in_channels: int, out_channels: int, size, groups: int = 1, bias: bool = False, init: str = 'identity'):
@@ -379,17 +289,17 @@ def peerify(model: nn.Module, variant: str, *, stem: bool = False, input_size=22
     'octave' (`OctaveConv2d`, `alpha`), 'ffc' (`FFC2d`, `ratio`) or 'gfnet' (`GlobalFilter` sized to each feature map at
     `input_size`, then a 1x1; `init`). Grouped and depthwise convolutions stay spatial for 'octave' and 'ffc'; the stem
     stays unless `stem=True`. Converts in place unless `copy=True`; the model carries a `ConversionReport`."""
-    if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if not isinstance(model, nn.Module): raise ArgumentError(f"model must be an nn.Module; got {type(model).__name__}")
     if variant not in PEER_VARIANTS:
-        raise ValueError(f"variant={variant!r} is not supported; use one of {', '.join(map(repr, PEER_VARIANTS))}")
+        raise ArgumentError(f"variant={variant!r} is not supported; use one of {', '.join(map(repr, PEER_VARIANTS))}")
     bad = [k for k in kw if k not in PEER_DEFAULTS[variant]]
-    if bad: raise ValueError(f"unknown setting(s) {bad} for variant {variant!r}; accepted: {', '.join(PEER_DEFAULTS[variant])}")
+    if bad: raise ArgumentError(f"unknown setting(s) {bad} for variant {variant!r}; accepted: {', '.join(PEER_DEFAULTS[variant])}")
     kw = {**PEER_DEFAULTS[variant], **kw}
-    if variant == 'octave': kw['alpha'] = _check_ratio('alpha', kw['alpha'])
-    if variant == 'ffc': kw['ratio'] = _check_ratio('ratio', kw['ratio'])
+    if variant == 'octave': kw['alpha'] = check_float('alpha', kw['alpha'], 0, 1)
+    if variant == 'ffc': kw['ratio'] = check_float('ratio', kw['ratio'], 0, 1)
     if variant == 'gfnet' and kw['init'] not in ('identity', 'gfnet'):
-        raise ValueError(f"init={kw['init']!r} is not supported; use one of 'identity', 'gfnet'")
-    if stem not in (True, False): raise ValueError(f"stem must be True or False; got {stem!r}")
+        raise ArgumentError(f"init={kw['init']!r} is not supported; use one of 'identity', 'gfnet'")
+    if stem not in (True, False): raise ArgumentError(f"stem must be True or False; got {stem!r}")
     if copy: model = _copy.deepcopy(model)
     before = n_params(model)
     rows, candidates = conv_candidates(model, stem)

@@ -5,7 +5,8 @@
 # %% ../nbs/03b_tables.ipynb #3d1093aa
 from __future__ import annotations
 
-from .convert import _choice, _fmt, n_params
+from .core import check_choice
+from .convert import _fmt, n_params
 from .zoo import create_model
 
 # %% auto #0
@@ -41,7 +42,7 @@ def param_table(tables=('2', 'A1')) -> list[dict]:
     "Paper vs ours: one row per (table, arch, variant) with both counts, from models built on the meta device."
     rows = []
     for t in tables:
-        _choice('tables', t, tuple(PAPER_TABLES))
+        check_choice('tables', t, tuple(PAPER_TABLES))
         spec = PAPER_TABLES[t]
         for arch, counts in PAPER_PARAMS[t].items():
             for variant, paper in counts.items():

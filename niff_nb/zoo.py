@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .convert import ConversionReport, _choice, _describe, _set_submodule, n_params, niffify
+from .core import ArgumentError, check_choice
+from .convert import ConversionReport, _describe, _set_submodule, n_params, niffify
 
 # %% auto #0
 __all__ = ['ARCHS', 'EXTRA_ARCHS', 'VARIANTS', 'STEMS', 'ARCH_MLP', 'PLUGIN_VARIANTS', 'register_variant', 'all_variants',
@@ -40,9 +41,9 @@ def register_variant(name: str, convert: Callable, module: str | None = None):
     and returns it carrying a `ConversionReport` as `model.niff_report`. Plugin modules call this when imported;
     `module` (the importable name of the providing module) lets `create_model` import it lazily next time."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name must be an identifier-like string such as 'octave'; got {name!r}")
-    if name in VARIANTS: raise ValueError(f"name={name!r} is a built-in variant; built-ins are {', '.join(VARIANTS)}")
-    if not callable(convert): raise TypeError(f"convert must be callable(model, *, stem, input_size, **kw); got {convert!r}")
+        raise ArgumentError(f"name must be an identifier-like string such as 'octave'; got {name!r}")
+    if name in VARIANTS: raise ArgumentError(f"name={name!r} is a built-in variant; built-ins are {', '.join(VARIANTS)}")
+    if not callable(convert): raise ArgumentError(f"convert must be callable(model, *, stem, input_size, **kw); got {convert!r}")
     _CONVERTERS[name] = convert
     if module is not None: PLUGIN_VARIANTS[name] = module
 
@@ -54,14 +55,14 @@ def variant_converter(variant: str) -> Callable:
     "The conversion function of plugin variant `variant`, importing its module (`PLUGIN_VARIANTS`) on first use."
     if variant not in _CONVERTERS and variant in PLUGIN_VARIANTS: importlib.import_module(PLUGIN_VARIANTS[variant])
     if variant not in _CONVERTERS:
-        _choice('variant', variant, tuple(v for v in all_variants() if v not in VARIANTS) or ('(no plugin variants)',))
+        check_choice('variant', variant, tuple(v for v in all_variants() if v not in VARIANTS) or ('(no plugin variants)',))
         raise ImportError(f"module {PLUGIN_VARIANTS[variant]!r} was imported but did not register variant {variant!r}")
     return _CONVERTERS[variant]
 
 def variant_settings(variant: str) -> dict:
     """The `niffify` arguments (form, boundary, pad) of one of the paper's `VARIANTS` (None for 'baseline'), or
     `{'plugin': variant, 'module': ...}` for a plugin variant (`all_variants()` lists every accepted name)."""
-    _choice('variant', variant, all_variants())
+    check_choice('variant', variant, all_variants())
     if variant not in VARIANTS: return dict(plugin=variant, module=PLUGIN_VARIANTS.get(variant))
     if variant == 'baseline': return None
     if variant.startswith('niff_pad_'): return dict(form='niff', boundary='circular', pad=variant[len('niff_pad_'):], spectrum='hermitian')
@@ -136,18 +137,18 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
     paper's parameter counts require (see the notebook). `input_size` (default 224, or 32 with the CIFAR stem) sizes
     the kernels of 'spatial_fm' (and of plugin variants that need it). `variant_kw` are the settings of a plugin variant
     (e.g. `{'alpha': 0.25}` for 'octave'; see `all_variants()`). `device='meta'` builds the structure without allocating weights."""
-    _choice('arch', arch, ARCHS + EXTRA_ARCHS)
+    check_choice('arch', arch, ARCHS + EXTRA_ARCHS)
     vs = variant_settings(variant)
-    _choice('stem', stem, STEMS)
+    check_choice('stem', stem, STEMS)
     for name, v in (('num_classes', num_classes), ('in_channels', in_channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ArgumentError(f"{name} must be a positive int; got {v!r}")
     if variant_kw is not None:
-        if not isinstance(variant_kw, Mapping): raise ValueError(f"variant_kw must be a dict or None; got {variant_kw!r}")
+        if not isinstance(variant_kw, Mapping): raise ArgumentError(f"variant_kw must be a dict or None; got {variant_kw!r}")
         if vs is None or 'plugin' not in vs:
-            raise ValueError(f"variant_kw only applies to plugin variants ({', '.join(all_variants()[len(VARIANTS):])}); "
+            raise ArgumentError(f"variant_kw only applies to plugin variants ({', '.join(all_variants()[len(VARIANTS):])}); "
                              f"got variant_kw={dict(variant_kw)!r} with variant={variant!r}")
     for name, v in (('pointwise_bias', pointwise_bias), ('keep_1x1', keep_1x1), ('convert_stem', convert_stem)):
-        _choice(name, v, (None, True, False))
+        check_choice(name, v, (None, True, False))
     cifar = stem == 'cifar'
     if mlp is None: mlp = 'cifar' if cifar else ARCH_MLP[arch]
     if keep_1x1 is None: keep_1x1 = not (cifar and arch.startswith('resnet'))
@@ -186,7 +187,7 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
 def smallcnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Sequential:
     "The study's small CNN: 3x3 stem, three stages (w, 2w, 4w) each with one stride-1 3x3, stride-2 3x3 between, GAP, linear."
     for name, v in (('num_classes', num_classes), ('in_channels', in_channels), ('width', width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ArgumentError(f"{name} must be a positive int; got {v!r}")
     def cbr(cin, cout, stride=1):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
     w = width
