@@ -102,7 +102,7 @@ def _prepare(fn, inputs, mode):
     def call():
         loss = _outputs_sum(fn(*xs))
         if loss is None or not loss.requires_grad:
-            raise ValueError(f"mode={mode!r} needs an output that requires grad; the candidate has no trainable parameters")
+            raise ArgumentError(f"mode={mode!r} needs an output that requires grad; the candidate has no trainable parameters")
         loss.backward()
     def reset():
         for p in params: p.grad = None

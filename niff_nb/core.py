@@ -82,7 +82,7 @@ def check_tensor(name: str, x, ndim: int | None = None, *, real_float: bool = Tr
         raise ArgumentError(f"{name} must have a real floating-point dtype (float16, bfloat16, float32, float64); got {x.dtype}")
     return x
 
-# %% ../nbs/00_core.ipynb #7befa26e
+# %% ../nbs/00_core.ipynb #7eaff0b3
 def check_input(module, x, channels: int) -> torch.Tensor:
     "`x` if it is a real floating-point (N, C, H, W) tensor with `channels` channels, for the layer `module`."
     name = type(module).__name__

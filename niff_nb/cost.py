@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .core import check_int
+from .core import ArgumentError, check_int
 from .layers import NIFFDepthwise, NIFFConv2d
 
 # %% auto #0
@@ -26,8 +26,7 @@ aten = torch.ops.aten
 
 def fft_flops(n: int, real: bool = True, batch: int = 1) -> int:
     "FLOPs of `batch` FFTs of `n` points: 2.5·n·log2(n) each for a real FFT (`rfft`/`irfft`), 5·n·log2(n) for a complex one."
-    for name, v in (('n', n), ('batch', batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int; got {v!r}")
+    check_int('n', n); check_int('batch', batch)
     return round(batch * (2.5 if real else 5.0) * n * math.log2(n))
 
 def _fft_count(x: torch.Tensor, dims, real: bool) -> int:
@@ -83,7 +82,7 @@ class FlopCount(int):
 def _as_inputs(inputs) -> tuple:
     if isinstance(inputs, torch.Tensor): return (inputs,)
     if isinstance(inputs, (tuple, list)): return tuple(inputs)
-    raise TypeError(f"inputs must be a tensor or a tuple/list of tensors; got {type(inputs).__name__}")
+    raise ArgumentError(f"inputs must be a tensor or a tuple/list of tensors; got {type(inputs).__name__}")
 
 def _outputs_sum(out):
     if isinstance(out, torch.Tensor): return out.float().sum() if not out.is_complex() else out.abs().sum()
@@ -96,8 +95,8 @@ def _outputs_sum(out):
 
 def count_flops(model: Callable, inputs, *, backward: bool = False) -> FlopCount:
     "FLOPs of `model(*inputs)` (plus the backward of the sum of its outputs if `backward`), FFTs and complex products included."
-    if not callable(model): raise TypeError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
-    if not isinstance(backward, bool): raise TypeError(f"backward must be True or False; got {backward!r}")
+    if not callable(model): raise ArgumentError(f"model must be an nn.Module or a callable; got {type(model).__name__}")
+    if not isinstance(backward, bool): raise ArgumentError(f"backward must be True or False; got {backward!r}")
     inputs = _as_inputs(inputs)
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with torch.enable_grad() if backward else torch.no_grad(), counter:
@@ -105,7 +104,7 @@ def count_flops(model: Callable, inputs, *, backward: bool = False) -> FlopCount
         if backward:
             loss = _outputs_sum(out)
             if loss is None or not loss.requires_grad:
-                raise ValueError("backward=True needs an output that requires grad (a model with parameters or inputs with requires_grad)")
+                raise ArgumentError("backward=True needs an output that requires grad (a model with parameters or inputs with requires_grad)")
             loss.backward()
     counts = counter.get_flop_counts()
     by_op = defaultdict(int)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from .core import ArgumentError
+
 try:
     from nbdev.config import get_config
     from nbdev.doclinks import _build_modidx
@@ -261,7 +263,7 @@ def _replaceable(p: Path, marker: str, cfg):
     p = Path(p).resolve()
     if not p.exists() or not any(p.iterdir()): return
     if p in (Path(cfg.config_path).resolve(), Path(cfg.nbs_path).resolve(), Path.home()) or not (p/marker).exists():
-        raise ValueError(f'{p} is not empty and does not look like a docs build (no {marker}); choose another folder')
+        raise ArgumentError(f'{p} is not empty and does not look like a docs build (no {marker}); choose another folder')
 
 def stage_site(cache: Path, nav: Sequence[tuple[str, str | None]], src: Path, cfg) -> list[tuple[str, str]]:
     "Write the Sphinx source tree `src` from nbdev's processed notebooks in `cache`; return (docname, notebook)."
@@ -276,8 +278,8 @@ def stage_site(cache: Path, nav: Sequence[tuple[str, str | None]], src: Path, cf
     nbs = {nbp: json.loads((cache/nbp).read_text(encoding='utf-8')) for nbp, _ in nav}
     docs = {nbp: page_name(nbp, frontmatter(nb)) for nbp, nb in nbs.items()}
     clash = {d for d in docs.values() if list(docs.values()).count(d) > 1}
-    if clash: raise ValueError(f'notebooks map to the same page {sorted(clash)}: rename one of {sorted(n for n, d in docs.items() if d in clash)}')
-    if 'index' not in docs.values(): raise ValueError(f'no index notebook in {cache}: the site needs nbs/index.ipynb (the README)')
+    if clash: raise ArgumentError(f'notebooks map to the same page {sorted(clash)}: rename one of {sorted(n for n, d in docs.items() if d in clash)}')
+    if 'index' not in docs.values(): raise ArgumentError(f'no index notebook in {cache}: the site needs nbs/index.ipynb (the README)')
     base = cfg.doc_host.rstrip('/') + '/' + cfg.doc_baseurl.strip('/') + '/'
     links = {nbp: base + d + '.html' for nbp, d in docs.items()}
     toc = toctree_md([(docs[nbp], sec) for nbp, sec in nav if docs[nbp] != 'index'])

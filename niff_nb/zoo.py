@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .core import ArgumentError, check_choice
+from .core import ArgumentError, check_choice, check_int
 from .convert import ConversionReport, _describe, _set_submodule, n_params, niffify
 
 # %% auto #0
@@ -140,8 +140,7 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
     check_choice('arch', arch, ARCHS + EXTRA_ARCHS)
     vs = variant_settings(variant)
     check_choice('stem', stem, STEMS)
-    for name, v in (('num_classes', num_classes), ('in_channels', in_channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ArgumentError(f"{name} must be a positive int; got {v!r}")
+    check_int('num_classes', num_classes); check_int('in_channels', in_channels)
     if variant_kw is not None:
         if not isinstance(variant_kw, Mapping): raise ArgumentError(f"variant_kw must be a dict or None; got {variant_kw!r}")
         if vs is None or 'plugin' not in vs:
@@ -186,8 +185,7 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
 # %% ../nbs/03a_zoo.ipynb #0c94f72f
 def smallcnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Sequential:
     "The study's small CNN: 3x3 stem, three stages (w, 2w, 4w) each with one stride-1 3x3, stride-2 3x3 between, GAP, linear."
-    for name, v in (('num_classes', num_classes), ('in_channels', in_channels), ('width', width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ArgumentError(f"{name} must be a positive int; got {v!r}")
+    check_int('num_classes', num_classes); check_int('in_channels', in_channels); check_int('width', width)
     def cbr(cin, cout, stride=1):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
     w = width
