@@ -17,8 +17,9 @@ import torch.nn as nn
 import torchvision
 
 from .layers import BOUNDARIES, COORDS, MLP_PRESETS, SPECTRA, NIFFConv2d, NIFFDepthwise, resolve_mlp
-from .core import ArgumentError, as_pair, check_choice
+from .core import ArgumentError, as_pair, check_choice, input_sizes
 from .padding import PAD_MODES
+from .padding import embed_kernel as pad_kernel
 
 # %% auto #0
 __all__ = ['FM_PADDINGS', 'FORMS', 'POLICY_KEYS', 'n_params', 'conv_kind', 'is_same_size', 'SpatialSeparable', 'NIFFGrouped',
@@ -76,15 +77,8 @@ def fm_kernel_size(size, kernel_size=1, padding_mode: str = 'zeros') -> tuple[in
     return tuple(max(a, b) for a, b in zip(m, k)) if padding_mode == 'zeros' else m
 
 def embed_kernel(w: torch.Tensor, size) -> torch.Tensor:
-    "Place kernels `w` (..., kh, kw) at the centre (h//2, w//2) of zero kernels of `size` (cropping if `size` is smaller)."
-    out = w.new_zeros(*w.shape[:-2], *as_pair(size))
-    src, dst = [], []
-    for s, d in zip(w.shape[-2:], out.shape[-2:]):
-        off = d // 2 - s // 2
-        a, b = max(0, -off), min(s, d - off)
-        src.append(slice(a, b)); dst.append(slice(a + off, b + off))
-    out[(..., *dst)] = w[(..., *src)]
-    return out
+    "Kernels `w` (..., kh, kw) centred in zero kernels of `size`, cropped where `size` is smaller: `padding.embed_kernel(..., crop=True)`."
+    return pad_kernel(w, *as_pair(size), crop=True)
 
 def _input_hw(input_size) -> tuple[int, int]:
     hw = as_pair(input_size) if isinstance(input_size, (int, tuple, list)) else None
@@ -95,24 +89,7 @@ def _input_hw(input_size) -> tuple[int, int]:
 # %% ../nbs/03_convert.ipynb #41093a7b
 def feature_map_sizes(model: nn.Module, input_size, in_channels: int | None = None) -> dict[str, tuple[int, int]]:
     "Spatial size of the input of every `nn.Conv2d` in `model` for an image of `input_size`, from one forward pass with hooks."
-    h, w = _input_hw(input_size)
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs: return {}
-    if in_channels is None: in_channels = convs[0][1].in_channels
-    p = next(model.parameters())
-    sizes, hooks = {}, []
-    def record(name):
-        def hook(mod, args): sizes.setdefault(name, tuple(args[0].shape[-2:]))   # returns None: the input is untouched
-        return hook
-    for name, m in convs: hooks.append(m.register_forward_pre_hook(record(name)))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(): model(torch.zeros(1, in_channels, h, w, device=p.device, dtype=p.dtype))
-    finally:
-        for hk in hooks: hk.remove()
-        for m, mode in modes.items(): m.training = mode
-    return sizes
+    return input_sizes(model, input_size, nn.Conv2d, in_channels)
 
 # %% ../nbs/03_convert.ipynb #b24bd48a
 FORMS = ('niff', 'niff_full', 'separated', 'spatial_fm')

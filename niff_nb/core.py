@@ -16,8 +16,8 @@ import torch
 
 # %% auto #0
 __all__ = ['HALF_DTYPES', 'ArgumentError', 'is_int', 'check_choice', 'check_int', 'check_float', 'as_pair', 'check_pair',
-           'check_tensor', 'check_input', 'fft_dtype', 'autocast_enabled', 'no_autocast', 'as_device', 'device_sync',
-           'time_call']
+           'check_tensor', 'check_input', 'input_sizes', 'fft_dtype', 'autocast_enabled', 'no_autocast', 'as_device',
+           'device_sync', 'time_call']
 
 # %% ../nbs/00_core.ipynb #f019ed06
 class ArgumentError(ValueError, TypeError):
@@ -82,7 +82,7 @@ def check_tensor(name: str, x, ndim: int | None = None, *, real_float: bool = Tr
         raise ArgumentError(f"{name} must have a real floating-point dtype (float16, bfloat16, float32, float64); got {x.dtype}")
     return x
 
-# %% ../nbs/00_core.ipynb #7eaff0b3
+# %% ../nbs/00_core.ipynb #4243813e
 def check_input(module, x, channels: int) -> torch.Tensor:
     "`x` if it is a real floating-point (N, C, H, W) tensor with `channels` channels, for the layer `module`."
     name = type(module).__name__
@@ -90,6 +90,27 @@ def check_input(module, x, channels: int) -> torch.Tensor:
     if x.shape[1] != channels:
         raise ArgumentError(f"{name} expects {channels} input channels (in_channels={channels}); the input has {x.shape[1]} channels")
     return x
+
+# %% ../nbs/00_core.ipynb #fa45e7c3
+def input_sizes(model: torch.nn.Module, input_size, types, in_channels: int | None = None) -> dict[str, tuple[int, int]]:
+    "(h, w) of the input each module of `types` sees when `model` runs on one image of `input_size`; `in_channels` defaults to the first such module's."
+    h, w = check_pair('input_size', input_size)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    if not found: return {}
+    if in_channels is None: in_channels = next((m.in_channels for _, m in found if hasattr(m, 'in_channels')), None)
+    if in_channels is None: raise ArgumentError("in_channels: cannot be inferred from the model; pass it")
+    p = next(model.parameters())
+    sizes, hooks = {}, []
+    for name, m in found:
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: sizes.setdefault(name, tuple(args[0].shape[-2:])) and None))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(): model(torch.zeros(1, in_channels, h, w, device=p.device, dtype=p.dtype))
+    finally:
+        for hk in hooks: hk.remove()
+        for m, mode in modes.items(): m.training = mode
+    return {n: sizes[n] for n, _ in found if n in sizes}
 
 # %% ../nbs/00_core.ipynb #da686070
 HALF_DTYPES = (torch.float16, torch.bfloat16)

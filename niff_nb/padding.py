@@ -37,15 +37,21 @@ def uncentre_kernel(k: torch.Tensor) -> torch.Tensor:
     return torch.roll(k, shifts=(-(h // 2), -(w // 2)), dims=(-2, -1))
 
 # %% ../nbs/01_padding.ipynb #3d086bc4
-def embed_kernel(k: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    "Zero-pad a centred kernel (..., kh, kw) to (..., h, w) around its centre, so the result is centred too."
+def embed_kernel(k: torch.Tensor, h: int, w: int, *, crop: bool = False) -> torch.Tensor:
+    """A centred kernel (..., kh, kw) in a centred (..., h, w) frame: zero-padded around its centre, or, with `crop=True`,
+    cut to the frame where it is larger. The centre tap (kh//2, kw//2) always lands on (h//2, w//2)."""
     _check_kernel_rank(k)
     check_int('h', h); check_int('w', w)
     kh, kw = k.shape[-2:]
-    if kh > h or kw > w:
-        raise ArgumentError(f"k ({kh}x{kw}) must fit in the frame h x w = {h}x{w}")
-    top, left = h // 2 - kh // 2, w // 2 - kw // 2
-    return F.pad(k, (left, w - kw - left, top, h - kh - top))
+    if not crop and (kh > h or kw > w):
+        raise ArgumentError(f"k ({kh}x{kw}) must fit in the frame h x w = {h}x{w} (or pass crop=True)")
+    out, src, dst = k.new_zeros(*k.shape[:-2], h, w), [], []
+    for s, d in ((kh, h), (kw, w)):
+        off = d // 2 - s // 2                     # where the kernel's first row/column lands in the frame
+        a, b = max(0, -off), min(s, d - off)
+        src.append(slice(a, b)); dst.append(slice(a + off, b + off))
+    out[(..., *dst)] = k[(..., *src)]
+    return out
 
 # %% ../nbs/01_padding.ipynb #a150d4ab
 _TORCH_PAD_MODE = {'zeros': 'constant', 'reflect': 'reflect', 'circular': 'circular'}

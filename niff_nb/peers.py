@@ -255,7 +255,7 @@ class FFC2d(nn.Module):
         parts = [y for y in (y_l, y_g) if y is not None]
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
-# %% ../nbs/08_peers.ipynb #cc1c6a0f
+# %% ../nbs/08_peers.ipynb #43a4cdbd
 class GlobalFilterConv(nn.Sequential):
     "A global filter then a 1x1: the GFNet stand-in for a full (or grouped) convolution, like NIFF's separated block."
     def __init__(self, in_channels: int, out_channels: int, size, groups: int = 1, bias: bool = False, init: str = 'identity'):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastcore.test import test_close as close, test_eq as eq
 
+from niff_nb.fourier import circular_conv2d_direct
 from niff_nb.padding import (PAD_MODES, centre_kernel, circular_conv2d, crop2d, dirichlet_kernel, embed_kernel,
                              feature_map_pads, fft_circular_conv2d, fft_linear_conv2d, fft_padded_conv2d, linear_conv2d,
                              pad2d, uncentre_kernel)
@@ -22,25 +23,20 @@ def rand(*shape, seed=0):
 
 
 def naive_conv2d(x, k, groups=1, circular=True):
-    "Loop over kernel taps; for each tap gather the shifted input with explicit index arithmetic (no F.conv2d, no FFT)."
+    """The reference: chapter 00's direct circular sum (`circular_conv2d_direct`, index 0 at the origin, no F.conv2d, no FFT)
+    with the centred kernel moved to the origin of the frame; a linear convolution is the circular one on a frame zero-padded
+    to N + K - 1 (the point of chapter 01), cropped back."""
     B, C, H, W = x.shape
     if k.dim() == 3: k, groups = k[:, None], C
     O, Cg, kh, kw = k.shape
-    og, ch, cw = O // groups, kh // 2, kw // 2
-    rows, cols = torch.arange(H), torch.arange(W)
-    y = torch.zeros(B, O, H, W, dtype=x.dtype)
-    for mi in range(kh):
-        for mj in range(kw):
-            r, c = rows - (mi - ch), cols - (mj - cw)
-            if circular:
-                xs = x[:, :, r % H][:, :, :, c % W]
-            else:
-                valid = ((r >= 0) & (r < H))[:, None] & ((c >= 0) & (c < W))[None]
-                xs = x[:, :, r.clamp(0, H - 1)][:, :, :, c.clamp(0, W - 1)] * valid
-            for g in range(groups):
-                y[:, g * og:(g + 1) * og] += torch.einsum('oc,bchw->bohw', k[g * og:(g + 1) * og, :, mi, mj],
-                                                          xs[:, g * Cg:(g + 1) * Cg])
-    return y
+    Hf, Wf = (H, W) if circular else (H + kh - 1, W + kw - 1)
+    xf = torch.zeros(B, C, Hf, Wf, dtype=x.dtype)
+    xf[..., :H, :W] = x
+    k0 = uncentre_kernel(embed_kernel(k, Hf, Wf))
+    og = O // groups
+    ys = [circular_conv2d_direct(xf[:, None, g * Cg:(g + 1) * Cg].expand(B, og, Cg, Hf, Wf), k0[g * og:(g + 1) * og]).sum(2)
+          for g in range(groups)]
+    return torch.cat(ys, 1)[..., :H, :W]
 
 
 def scalar_conv2d(x, k, circular):
