@@ -80,12 +80,6 @@ def embed_kernel(w: torch.Tensor, size) -> torch.Tensor:
     "Kernels `w` (..., kh, kw) centred in zero kernels of `size`, cropped where `size` is smaller: `padding.embed_kernel(..., crop=True)`."
     return pad_kernel(w, *as_pair(size), crop=True)
 
-def _input_hw(input_size) -> tuple[int, int]:
-    hw = as_pair(input_size) if isinstance(input_size, (int, tuple, list)) else None
-    if hw is None or len(hw) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in hw):
-        raise ArgumentError(f"input_size must be a positive int or a (height, width) pair; got {input_size!r}")
-    return hw
-
 # %% ../nbs/03_convert.ipynb #41093a7b
 def feature_map_sizes(model: nn.Module, input_size, in_channels: int | None = None) -> dict[str, tuple[int, int]]:
     "Spatial size of the input of every `nn.Conv2d` in `model` for an image of `input_size`, from one forward pass with hooks."

@@ -91,7 +91,7 @@ def check_input(module, x, channels: int) -> torch.Tensor:
         raise ArgumentError(f"{name} expects {channels} input channels (in_channels={channels}); the input has {x.shape[1]} channels")
     return x
 
-# %% ../nbs/00_core.ipynb #fa45e7c3
+# %% ../nbs/00_core.ipynb #5279a883
 def input_sizes(model: torch.nn.Module, input_size, types, in_channels: int | None = None) -> dict[str, tuple[int, int]]:
     "(h, w) of the input each module of `types` sees when `model` runs on one image of `input_size`; `in_channels` defaults to the first such module's."
     h, w = check_pair('input_size', input_size)
