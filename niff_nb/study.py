@@ -14,49 +14,126 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from .analysis import analyse_checkpoint
+from .analysis import analyse_checkpoint, full_window, mass_at
 from .data import DATASETS, check_dataset
 from .train import CheckpointError, RunDir, fit, recipe
 
 # %% auto #0
-__all__ = ['analyse_run', 'write_report', 'run_study', 'niff_study']
+__all__ = ['analyse_run', 'training_changes', 'headline', 'write_report', 'run_study', 'niff_study']
 
 # %% ../nbs/06a_study.ipynb #72aff4bb
-def analyse_run(checkpoint, out_dir, name: str, mass: float = 0.9, crop: bool = True) -> dict:
-    "`analyse_checkpoint` for one run of the study: figures `<figure>_<name>.png` and `analysis_<name>.json` in `out_dir`."
-    return analyse_checkpoint(checkpoint, out_dir, suffix=f'_{name}', mass=mass, crop=crop)
+def analyse_run(checkpoint, out_dir, name: str, mass: float = 0.9, crop: bool = True, init: bool = True,
+                sweep: bool = True) -> dict:
+    """`analyse_checkpoint` for one run of the study, with the model at initialisation (`init`) and the crop sweep (`sweep`):
+    figures `<figure>_<name>.png` and `analysis_<name>.json` in `out_dir`."""
+    return analyse_checkpoint(checkpoint, out_dir, suffix=f'_{name}', mass=mass, crop=crop, init=init, sweep=sweep)
+
+# %% ../nbs/06a_study.ipynb #ee0175ce
+def training_changes(analysis: dict) -> dict[str, dict]:
+    "Per NIFF layer of one run's analysis (with 'init'): init, trained and change of the effective size and the mass in 3x3 / 7x7."
+    init = analysis.get('init') or {}
+    out = {}
+    for name, row in analysis['layers'].items():
+        r0 = init.get('layers', {}).get(name)
+        if r0 is None: continue
+        entry = {'size': row['size'], 'full_window': list(full_window(*row['size']))}
+        for key, get in (('effective_size', lambda r: r['effective_size_median']), ('mass_3x3', lambda r: mass_at(r, 3)),
+                         ('mass_7x7', lambda r: mass_at(r, 7))):
+            a, b = get(r0), get(row)
+            entry[key] = {'init': a, 'trained': b, 'change': b - a}
+        entry['learned_size'] = entry['effective_size']['trained'] != entry['effective_size']['init']
+        out[name] = entry
+    return out
+
+def headline(changes: dict[str, dict], sweep: dict | None = None) -> list[str]:
+    "Sentences on what training changed in each layer, and the functional size from the crop sweep."
+    lines = []
+    for name, c in changes.items():
+        e, m3 = c['effective_size'], c['mass_3x3']
+        where = f"{name} ({c['size'][0]}x{c['size'][1]})"
+        whole = ' (the whole map)' if e['trained'] >= max(c['size']) else ''
+        if not c['learned_size']:
+            s = (f"{where}: the median effective size is {e['trained']}{whole} before and after training; the untrained model "
+                 "already had it, so it is not a learned size")
+        else:
+            s = f"{where}: training {'shrank' if e['change'] < 0 else 'grew'} the median effective size from {e['init']} to {e['trained']}{whole}"
+        if abs(m3['change']) < 0.02: s += f"; the mass in 3x3 barely moved ({m3['init']:.2f} → {m3['trained']:.2f})"
+        else: s += f"; training moved kernel mass {'into' if m3['change'] > 0 else 'out of'} the central 3x3 ({m3['init']:.2f} → {m3['trained']:.2f})"
+        lines.append(s + '.')
+    if sweep and sweep.get('window') is not None:
+        w = sweep['window']
+        lines.append(f"Cropping every NIFF layer to {w if w == 'full' else f'{w}x{w}'} (to_spatial) is the smallest crop that keeps the test "
+                     f"accuracy within {100 * sweep['tolerance']:.1f} points of the NIFF model ({sweep['test_acc']:.4f} vs "
+                     f"{sweep['reference_acc']:.4f})" + ('' if sweep['all_larger_within'] else '; some larger crop falls outside again') + '.')
+    return lines
+
+# %% ../nbs/06a_study.ipynb #59f643da
+def _pair(r0, r, fmt='{:.2f}'):
+    return fmt.format(r) if r0 is None else f"{fmt.format(r0)} → {fmt.format(r)}"
+
+def _kernel_sections(variant: str, a: dict) -> list[str]:
+    a0 = a.get('init') or {}
+    l0, o0 = a0.get('layers', {}), a0.get('official_kmr', {}).get('stages', {})
+    lines = ['', f'## Kernels in detail: {variant}', '', 'Init → trained. Effective size: smallest centred window holding '
+             f"{100 * a['mass']:.0f}% of a kernel's absolute mass (this project's metric, not the paper's); σx/σy from a Gaussian fit to |k|.",
+             '', '| layer | feature map | kernels | median effective size | 90th percentile | mass in 3x3 | mass in 7x7 | σx/σy |',
+             '|---|---|---|---|---|---|---|---|']
+    for layer, row in a['layers'].items():
+        r0 = l0.get(layer) or {}
+        lines.append(f"| {layer} | {row['size'][0]}x{row['size'][1]} | {row['n_kernels']} | "
+                     f"{_pair(r0.get('effective_size_median'), row['effective_size_median'], '{}')} | "
+                     f"{_pair(r0.get('effective_size_p90'), row['effective_size_p90'], '{}')} | "
+                     f"{_pair(r0 and mass_at(r0, 3), mass_at(row, 3))} | {_pair(r0 and mass_at(r0, 7), mass_at(row, 7))} | "
+                     f"{_pair(r0.get('ratio_mean'), row['ratio_mean'])} |")
+    lines += ['', "Kernel mass per stage in the official notebooks' convention (windows [c-i, c+i), the points their figures plot at 3 "
+              "and 7, i.e. windows of side 2 and 6; block 0 " + ('left out' if a['official_kmr']['skip_first_block'] else 'kept') + '):',
+              '', '| stage | feature map | layers | mass "at 3" | mass "at 7" |', '|---|---|---|---|---|']
+    for stage, row in a['official_kmr']['stages'].items():
+        r0 = o0.get(stage)
+        lines.append(f"| {stage} | {row['size'][0]}x{row['size'][1]} | {', '.join(a['official_kmr']['layers'][stage])} | "
+                     f"{_pair(r0 and mass_at(r0, 3), mass_at(row, 3))} | {_pair(r0 and mass_at(r0, 7), mass_at(row, 7))} |")
+    c = a.get('to_spatial')
+    if c:
+        lines += ['', f"As an ordinary CNN with the kernels cropped to the trained effective sizes ({c['windows']}): test accuracy "
+                  f"{c['acc_niff']:.4f} → {c['acc_effective']:.4f} ({100 * c['acc_change']:+.2f} points), forward time "
+                  f"{c['forward_ms_niff']:.1f} → {c['forward_ms_effective']:.1f} ms at batch {c['timing_batch']} "
+                  f"({c['speedup']:.2f}× speed-up); uncropped, the outputs differ by at most {c['full_size_max_abs_diff']:.1e}."]
+    if a.get('crop_sweep'):
+        ref = a['to_spatial']['acc_niff']
+        lines += ['', f'Crop sweep: every NIFF layer cropped to s x s (clipped to its full kernel), test accuracy on {c["n_test"]:,} images:', '',
+                  '| crop window | test accuracy | change |', '|---|---|---|']
+        lines += [f"| {r['window']} | {r['test_acc']:.4f} | {100 * (r['test_acc'] - ref):+.2f} points |" for r in a['crop_sweep']]
+    return lines + [''] + [f'![{f}]({f})' for f in a['figures'] if not f.startswith('erf')]
 
 # %% ../nbs/06a_study.ipynb #fc5f38d7
 def write_report(summary: dict, out_dir) -> Path:
-    "A short markdown report of a study's runs and kernel analysis."
-    lines = ['# niff_study report', '', f"Wall time: {summary['wall_seconds']:.0f} s on {summary['device']}.", '',
-             '| variant | arch | dataset | test accuracy | parameters | seconds / epoch | epochs |', '|---|---|---|---|---|---|---|']
-    for r in summary['runs']:
-        lines.append(f"| {r['variant']} | {r['arch']} | {r['dataset']} | {r['test_acc']:.4f} | {r['params']:,} | "
-                     f"{r['epoch_seconds']:.1f} | {r['epochs']} |")
-    lines += ['', '## Effective receptive fields', '', '| variant | ERF window | share of the input gradient |', '|---|---|---|']
+    "A markdown report of a study, headed by what training changed in each NIFF run."
+    runs = {r['variant']: r for r in summary['runs']}
+    lines = ['# niff_study report', '', f"Wall time: {summary['wall_seconds']:.0f} s on {summary['device']} "
+             f"({summary.get('threads', '?')} threads).", '', '## What training changed', '',
+             'Each kernel number is measured on the trained model and on the same model at initialisation (rebuilt from the '
+             "run's config and seed); only the difference is something training did. The effective kernel size is this project's own "
+             "summary (smallest centred window holding 90% of Σ|k|), not a measure of the paper; the mass in 3x3 / 7x7 is the paper's "
+             'kernel mass ratio (eq. 6) in centred windows.']
+    for variant, ch in summary.get('training_changes', {}).items():
+        if not ch: continue
+        r = runs.get(variant, {})
+        lines += ['', f"**{variant}** ({r.get('arch', '')} on {r.get('dataset', '')}, test accuracy {r.get('test_acc', float('nan')):.4f}):", '',
+                  '| layer | feature map | effective size | mass in 3x3 | mass in 7x7 |', '|---|---|---|---|---|']
+        for layer, c in ch.items():
+            cells = [f"{c[k]['init']} → {c[k]['trained']} ({c[k]['change']:+})" if k == 'effective_size' else
+                     f"{c[k]['init']:.2f} → {c[k]['trained']:.2f} ({c[k]['change']:+.2f})" for k in ('effective_size', 'mass_3x3', 'mass_7x7')]
+            lines.append(f"| {layer} | {c['size'][0]}x{c['size'][1]} | " + ' | '.join(cells) + ' |')
+        lines += [''] + [f'- {s}' for s in headline(ch, summary['analysis'][variant].get('smallest_crop'))]
+    lines += ['', '## Runs', '', '| variant | arch | dataset | test accuracy | parameters | seconds / epoch | epochs |', '|---|---|---|---|---|---|---|']
+    lines += [f"| {r['variant']} | {r['arch']} | {r['dataset']} | {r['test_acc']:.4f} | {r['params']:,} | {r['epoch_seconds']:.1f} | {r['epochs']} |"
+              for r in summary['runs']]
+    lines += ['', '## Effective receptive fields', '', '| variant | ERF window, init → trained | share of the input gradient |', '|---|---|---|']
     for variant, a in summary['analysis'].items():
-        lines.append(f"| {variant} | {a['erf']['size']}x{a['erf']['size']} | {100 * a['erf']['mass']:.0f}% |")
+        e0 = (a.get('init') or {}).get('erf')
+        lines.append(f"| {variant} | {_pair(e0 and '{0}x{0}'.format(e0['size']), '{0}x{0}'.format(a['erf']['size']), '{}')} | {100 * a['erf']['mass']:.0f}% |")
     for variant, a in summary['analysis'].items():
-        if not a['layers']: continue
-        lines += ['', f'## Learned kernels: {variant}', '',
-                  f"Effective kernel size = smallest centred window holding {100 * a['mass']:.0f}% of a kernel's absolute mass; "
-                  "σx/σy from a Gaussian fit to |k|.", '',
-                  '| layer | feature map | kernels | median effective size | 90th percentile | mass in 3x3 | mass in 7x7 | σx/σy |',
-                  '|---|---|---|---|---|---|---|---|']
-        for layer, row in a['layers'].items():
-            w = row['windows']
-            m3 = row['kmr_mean'][w.index(3)] if 3 in w else 1.0
-            m7 = row['kmr_mean'][w.index(7)] if 7 in w else 1.0
-            lines.append(f"| {layer} | {row['size'][0]}x{row['size'][1]} | {row['n_kernels']} | {row['effective_size_median']} | "
-                         f"{row['effective_size_p90']} | {m3:.2f} | {m7:.2f} | {row['ratio_mean']:.2f} ± {row['ratio_std']:.2f} |")
-        c = a.get('to_spatial')
-        if c:
-            lines += ['', f"As an ordinary CNN with the kernels cropped to these effective sizes ({c['windows']}): test accuracy "
-                      f"{c['acc_niff']:.4f} → {c['acc_effective']:.4f} ({100 * c['acc_change']:+.2f} points), forward time "
-                      f"{c['forward_ms_niff']:.1f} → {c['forward_ms_effective']:.1f} ms at batch {c['timing_batch']} "
-                      f"({c['speedup']:.2f}× speed-up); uncropped, the outputs differ by at most {c['full_size_max_abs_diff']:.1e}."]
-        lines += [''] + [f'![{f}]({f})' for f in a['figures'] if not f.startswith('erf')]
+        if a['layers']: lines += _kernel_sections(variant, a)
     path = Path(out_dir) / 'report.md'
     path.write_text('\n'.join(lines) + '\n')
     return path
@@ -65,8 +142,9 @@ def write_report(summary: dict, out_dir) -> Path:
 def run_study(out='study', arch: str = 'smallcnn', variants=('baseline', 'niff'), dataset: str = 'fashion-mnist',
               data=None, epochs: int | None = None, device: str = 'auto', resume: bool = False, progress: bool = True,
               overwrite: bool = False, **overrides) -> dict:
-    """Train and evaluate `arch` as each of `variants`, analyse every run, write summary.json, figures and report.md.
-    The folder follows the trainer's run-folder policy (`RunDir`): a study already in `out` needs `resume` or `overwrite`."""
+    """Train and evaluate `arch` as each of `variants`, analyse every run beside its initialisation (with a crop sweep for
+    NIFF runs), write summary.json, figures and report.md. The folder follows the trainer's run-folder policy (`RunDir`):
+    a study already in `out` needs `resume` or `overwrite`."""
     if not variants: raise ValueError("variants must name at least one variant, e.g. ('baseline', 'niff')")
     out = Path(out)
     folder = RunDir(out, kind='study', variants=variants)
@@ -88,8 +166,8 @@ def _run_study(out, arch, variants, dataset, data, epochs, device, resume, progr
         runs.append({k: res[k] for k in ('variant', 'arch', 'dataset', 'test_acc', 'test_top5', 'params', 'epoch_seconds', 'epochs')})
         analysis[variant] = analyse_run(out / variant / 'last.pt', out, variant)
     device_name = str(torch.device('cuda') if device == 'auto' and torch.cuda.is_available() else device if device != 'auto' else 'cpu')
-    summary = {'runs': runs, 'analysis': analysis, 'wall_seconds': time.perf_counter() - t0, 'device': device_name,
-               'threads': torch.get_num_threads()}
+    summary = {'runs': runs, 'analysis': analysis, 'training_changes': {v: training_changes(a) for v, a in analysis.items()},
+               'wall_seconds': time.perf_counter() - t0, 'device': device_name, 'threads': torch.get_num_threads()}
     (out / 'summary.json').write_text(json.dumps(summary, indent=2))
     write_report(summary, out)
     return summary
@@ -129,8 +207,20 @@ def niff_study(argv=None) -> None:
     for r in summary['runs']:
         print(f"{r['variant']:>10s}: test accuracy {r['test_acc']:.4f}, {r['params']:,} parameters, {r['epoch_seconds']:.1f} s/epoch")
     for variant, a in summary['analysis'].items():
-        print(f"{variant:>10s}: effective receptive field {a['erf']['size']}x{a['erf']['size']} ({a['mass']:.0%} of the input gradient)")
-        if a['layers']:
-            sizes = ', '.join(f"{k} {v['size'][0]}x{v['size'][1]}: {v['effective_size_median']}" for k, v in a['layers'].items())
-            print(f"{variant:>10s}: median effective kernel size per layer ({a['mass']:.0%} mass): {sizes}")
+        a0 = a.get('init') or {}
+        erf0 = f", {a0['erf']['size']}x{a0['erf']['size']} at initialisation" if a0 else ''
+        print(f"{variant:>10s}: effective receptive field {a['erf']['size']}x{a['erf']['size']} trained{erf0} ({a['mass']:.0%} of the input gradient)")
+        changes = summary['training_changes'].get(variant)
+        if changes:
+            print(f"{variant:>10s}: what training changed (init → trained; effective size = this project's metric, the smallest "
+                  f"centred window with {a['mass']:.0%} of Σ|k|):")
+            for layer, c in changes.items():
+                e, m3, m7 = c['effective_size'], c['mass_3x3'], c['mass_7x7']
+                print(f"{'':>12}{layer} {c['size'][0]}x{c['size'][1]}: effective size {e['init']} → {e['trained']}"
+                      f"{'' if c['learned_size'] else ' (unchanged: not learned)'}, mass in 3x3 {m3['init']:.2f} → {m3['trained']:.2f}, "
+                      f"in 7x7 {m7['init']:.2f} → {m7['trained']:.2f}")
+        sc = a.get('smallest_crop')
+        if sc and sc['window'] is not None:
+            print(f"{variant:>10s}: smallest crop within {100 * sc['tolerance']:.1f} points of the NIFF model: {sc['window']} "
+                  f"({sc['test_acc']:.4f} vs {sc['reference_acc']:.4f})")
     print(f"wrote {Path(args.out) / 'summary.json'}, {Path(args.out) / 'report.md'} and figures in {summary['wall_seconds']:.0f} s")

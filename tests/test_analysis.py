@@ -6,6 +6,7 @@ import torch.nn as nn
 from niff_nb.analysis import (default_window_sizes, effective_kernel_size, eigen_kernels, kernel_mass_ratio,
                               kernel_mass_table, niff_layers, spatial_kernels)
 from niff_nb.layers import NIFFConv2d, NIFFDepthwise
+from niff_nb.train import load_checkpoint, save_checkpoint
 
 SIZES = [(7, 7), (8, 8), (9, 12), (16, 5), (1, 6), (5, 1)]
 EPS32 = torch.finfo(torch.float32).eps
@@ -245,14 +246,22 @@ def test_niff_analyze_writes_figures_and_json(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / 'an' / 'analysis.json').read_text())
     assert sorted(summary['figures']) == sorted(p.name for p in (tmp_path / 'an').glob('*.png'))
-    assert {'kernel_mass.png', 'eigen_kernels.png', 'eigen_filters.png', 'shape.png', 'erf.png'} <= set(summary['figures'])
+    assert {'kernel_mass.png', 'kernel_mass_official.png', 'eigen_kernels.png', 'eigen_kernels_init.png', 'eigen_filters.png',
+            'shape.png', 'erf.png', 'crop_sweep.png'} <= set(summary['figures'])
     assert list(summary['layers']) == ['stage1.0', 'stage2.0', 'stage3.0']
     row = summary['layers']['stage1.0']
     assert row['size'] == [28, 28] and row['effective_size_median'] % 2 == 1 and row['ratio_mean'] > 0
     c = summary['to_spatial']
     assert c['n_test'] == 256 and c['full_size_max_rel_diff'] <= 2 ** 8 * EPS32 and 0 <= c['acc_effective'] <= 1
     assert summary['erf']['inputs'] == 'images'
-    assert 'stage1.0' in r.stdout and 'to_spatial' in r.stdout
+    init = summary['init']                                          # the control: the same structure, epoch 0
+    assert init['epoch'] == 0 and list(init['layers']) == list(summary['layers'])
+    assert set(init['layers']['stage1.0']) == set(row) and set(init['official_kmr']) == set(summary['official_kmr'])
+    assert [r['window'] for r in summary['crop_sweep']][-1] == 'full' and summary['smallest_crop']['window'] is not None
+    full = summary['crop_sweep'][-1]['test_acc']
+    assert full == pytest.approx(c['acc_niff'], abs=1 / 256 + 1e-9)
+    assert 'stage1.0' in r.stdout and 'to_spatial' in r.stdout and "this project's metric" in r.stdout
+    assert 'crop sweep' in r.stdout and '→' in r.stdout
 
 
 def test_niff_analyze_errors(tmp_path):
@@ -265,3 +274,135 @@ def test_niff_analyze_errors(tmp_path):
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     r = run(str(tmp_path / 'bad.pt'), '--mass', '2')
     assert r.returncode == 2 and '--mass' in r.stderr
+
+
+def test_niff_analyze_names_a_layer_with_nonfinite_kernels(tiny_run, tmp_path):
+    ckpt = load_checkpoint(tiny_run)
+    key = next(k for k in ckpt['model'] if k.startswith('stage2.0.') and k.endswith('real.0.weight'))
+    ckpt['model'][key] = torch.full_like(ckpt['model'][key], float('nan'))
+    save_checkpoint(tmp_path / 'nan.pt', ckpt)                 # a valid checkpoint (digest included) of a broken model
+    r = subprocess.run([sys.executable, '-c', 'from niff_nb.analysis import niff_analyze; niff_analyze()', str(tmp_path / 'nan.pt'),
+                        '--out', str(tmp_path / 'an'), '--no-crop'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert "'stage2.0'" in r.stderr and 'NaN or inf' in r.stderr and "'stage1.0'" not in r.stderr
+    assert not (tmp_path / 'an' / 'analysis.json').exists()
+
+
+# --- two kernel-mass conventions, undefined kernels, the control at initialisation, the crop sweep ----------------------
+import math
+
+from niff_nb.analysis import (NonFiniteKernelError, analyse_model, crop_sweep, crop_windows, initial_model, mass_at,
+                              smallest_crop, stage_groups, stage_kernels)
+
+
+def _official_loop(k):
+    "The official notebook's loop, literally: windows [c-i, c+i) for i < N/2, then 1 for the whole kernel."
+    c = int(k.size()[1] / 2)
+    total = k.abs().sum((1, 2))
+    return torch.tensor([(k[:, c - i:c + i, c - i:c + i].abs().sum((1, 2)) / total).mean().item() for i in range(c)] + [1.0])
+
+
+@pytest.mark.parametrize('n', [56, 28, 14, 8, 7])
+def test_official_convention_matches_the_official_notebook(n):
+    g = torch.Generator().manual_seed(n)
+    k = torch.randn(12, n, n, generator=g) * torch.exp(-torch.arange(n * n, dtype=torch.float32).reshape(n, n) / n)
+    ours = kernel_mass_ratio(k, convention='official').mean(0)
+    assert default_window_sizes(n, n, 'official') == [2 * i for i in range(n // 2)] + [n]
+    assert torch.allclose(ours, _official_loop(k), atol=1e-6)
+
+
+@pytest.mark.parametrize('h,w', [(28, 28), (14, 14), (7, 7), (9, 12)])
+def test_official_windows_sit_between_centred_ones(h, w):
+    k = torch.randn(20, h, w, generator=torch.Generator().manual_seed(h * w))
+    off, cen = kernel_mass_ratio(k, convention='official'), kernel_mass_ratio(k)
+    n = len(default_window_sizes(h, w, 'official')) - 1          # the even windows, without the whole-kernel point
+    assert (off[:, :n] <= cen[:, :n] + 1e-6).all()                # side 2i inside side 2i+1
+    assert (cen[:, :n - 1] <= off[:, 1:n] + 1e-6).all()           # side 2i+1 inside side 2i+2
+    assert off[:, 0].abs().max() == 0 and torch.allclose(off[:, -1], torch.ones(20))
+    with pytest.raises(ValueError, match='even'): kernel_mass_ratio(k, [3], convention='official')
+    with pytest.raises(ValueError, match='convention'): kernel_mass_ratio(k, convention='paper')
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_nonfinite_kernels_have_no_size(bad):
+    k = torch.zeros(3, 9, 9); k[:, 4, 4] = 1.0
+    k[1, 0, 0] = bad                       # one corrupted value far from the centre
+    k[2] = bad
+    eff = effective_kernel_size(k)
+    assert eff[0].item() == 1 and eff[1:].isnan().all()
+    assert kernel_mass_ratio(k)[1:].isnan().all() and kernel_mass_ratio(k, convention='official')[1:].isnan().all()
+    assert effective_kernel_size(torch.zeros(9, 9)).isnan()          # no mass: no size either
+
+
+def test_kernel_mass_table_reports_nan_for_a_nonfinite_layer():
+    good = torch.randn(4, 9, 9)
+    bad = good.clone(); bad[2, 1, 1] = float('nan')
+    t = kernel_mass_table({'good': good, 'bad': bad})
+    assert isinstance(t['good']['effective_size_median'], int) and t['good']['n_nonfinite'] == 0
+    assert t['bad']['n_nonfinite'] == 1
+    assert math.isnan(t['bad']['effective_size_median']) and math.isnan(t['bad']['effective_size_p90'])
+    assert all(math.isnan(v) for v in t['bad']['kmr_mean'])
+    zero = good.clone(); zero[0] = 0
+    tz = kernel_mass_table({'z': zero})['z']
+    assert tz['n_zero'] == 1 and tz['kmr_mean'] == pytest.approx(kernel_mass_table({'z': good[1:]})['z']['kmr_mean'])
+
+
+def test_analyse_model_names_the_nonfinite_layer():
+    model = create_model('smallcnn', 'niff', 10, in_channels=1, input_size=28)
+    with torch.no_grad(): model.stage2[0].depthwise.implicit.real[-1].bias[3] = float('nan')
+    with pytest.raises(NonFiniteKernelError, match="'stage2.0'"): analyse_model(model, 28, 1)
+
+
+def test_stage_pooling_as_the_official_notebook():
+    ks = {'layer1.0.conv2': torch.randn(3, 8, 8), 'layer1.1.conv2': torch.randn(3, 8, 8), 'layer2.0.conv2': torch.randn(5, 4, 4),
+          'layer2.1.conv2': torch.randn(5, 4, 4), 'layer2.2.conv2': torch.randn(5, 4, 4), 'fc': torch.randn(2, 4, 4)}
+    assert stage_groups(ks, True) == {'layer1': ['layer1.1.conv2'], 'layer2': ['layer2.1.conv2', 'layer2.2.conv2'], 'fc': ['fc']}
+    pooled = stage_kernels(ks, skip_first_block=True)
+    assert torch.equal(pooled['layer2'], torch.cat([ks['layer2.1.conv2'], ks['layer2.2.conv2']]))
+    assert {k: v.shape[0] for k, v in stage_kernels(ks).items()} == {'layer1': 6, 'layer2': 15, 'fc': 2}
+    t = kernel_mass_table(pooled, convention='official')
+    assert t['layer1']['windows'] == [0, 2, 4, 6, 8] and t['layer1']['plotted_at'] == [1, 3, 5, 7, 9]
+    assert mass_at(t['layer1'], 3) == t['layer1']['kmr_mean'][1] and mass_at(t['layer2'], 7) == 1.0
+    with pytest.raises(ValueError, match='different sizes'): stage_kernels({'a.1': torch.randn(1, 4, 4), 'a.2': torch.randn(1, 5, 5)})
+
+
+def test_initial_model_is_what_fit_started_from(tmp_path, monkeypatch):
+    import niff_nb.train as train
+    from niff_nb.data import DatasetNotFoundError
+    started = {}
+    real_build = train.build_model
+    def recording_build(cfg):
+        m = real_build(cfg)
+        started.update({k: v.clone() for k, v in m.state_dict().items()})
+        return m
+    monkeypatch.setattr(train, 'build_model', recording_build)
+    cfg = train.recipe('fashion-mnist-quick', out=str(tmp_path / 'run'), epochs=1, subset=256, test_subset=128, progress=False,
+                       device='cpu', seed=7)
+    try: train.fit(cfg)
+    except DatasetNotFoundError: pytest.skip('Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)')
+    torch.manual_seed(99); expected = torch.rand(3)
+    torch.manual_seed(99)
+    model, ckpt = initial_model(tmp_path / 'run' / 'last.pt')
+    assert torch.equal(torch.rand(3), expected)                     # the caller's random state is untouched
+    sd = model.state_dict()
+    assert started and set(sd) == set(started) and all(torch.equal(sd[k], started[k]) for k in sd)
+    trained = ckpt['model']
+    assert any(not torch.equal(trained[k], started[k]) for k in sd)  # and training did move the weights
+
+
+def test_crop_sweep_windows_and_smallest_crop():
+    torch.manual_seed(0)
+    clf = create_model('smallcnn', 'niff', 10, in_channels=1, input_size=28).eval()
+    with torch.no_grad():
+        clf.fc.bias.zero_()
+        batches = [(x, clf(x).argmax(1)) for x in torch.randn(2, 32, 1, 28, 28, generator=torch.Generator().manual_seed(1))]
+    assert crop_windows(clf, 28) == [3, 5, 7, 9, 13, 17, 21, 25, 'full']
+    sweep = crop_sweep(clf, batches, input_size=28, windows=[3, 9, 'full'])
+    assert [r['window'] for r in sweep] == [3, 9, 'full'] and all(set(r) == {'window', 'test_acc'} for r in sweep)
+    assert sweep[-1]['test_acc'] == 1.0 and sweep[0]['test_acc'] < 1.0
+    fake = [{'window': 3, 'test_acc': 0.5}, {'window': 5, 'test_acc': 0.896}, {'window': 7, 'test_acc': 0.9},
+            {'window': 'full', 'test_acc': 0.9}]
+    best = smallest_crop(fake, 0.9)
+    assert best['window'] == 5 and best['all_larger_within'] and best['reference_acc'] == 0.9
+    assert smallest_crop(fake, 0.9, tolerance=0.001)['window'] == 7
+    assert smallest_crop([{'window': 3, 'test_acc': 0.1}], 0.9)['window'] is None
