@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .core import ArgumentError, check_choice, check_int, check_tensor
 from .convert import _set_submodule
 from .fourier import batched_fft
 from .layers import NIFFBase, NIFFConv2d, NIFFDepthwise
@@ -28,7 +29,7 @@ from .train import (CheckpointError, TrainConfig, build_model, evaluate, load_ch
 __all__ = ['KMR_CONVENTIONS', 'PADDING_MODES', 'niff_layers', 'feature_map_sizes_of_niff_layers', 'layer_kernels',
            'spatial_kernels', 'NonFiniteKernelError', 'default_window_sizes', 'kernel_mass_ratio',
            'effective_kernel_size', 'kernel_mass_table', 'mass_at', 'stage_groups', 'stage_kernels', 'plot_kernel_mass',
-           'eigen_kernels', 'centre_crop', 'plot_eigen_kernels', 'kernel_spectrum', 'layer_filters',
+           'eigen_kernels', 'centre_crop', 'plot_eigen_kernels', 'plot_kernels', 'kernel_spectrum', 'layer_filters',
            'frequency_weights', 'eigen_filters', 'plot_eigen_filters', 'fit_gaussian', 'shape_table', 'plot_shape',
            'effective_receptive_field', 'erf_size', 'full_window', 'odd_window', 'spatial_layer', 'to_spatial',
            'check_finite_kernels', 'analyse_model', 'plot_erf', 'plot_crop_sweep', 'save_analysis_figures',
@@ -249,6 +250,39 @@ def plot_eigen_kernels(kernels: dict[str, torch.Tensor], n_components: int = 6, 
             ax.set_title(f"{100 * var[j]:.0f}%", fontsize=8)
             if j == 0: ax.set_ylabel(f"{name}\n{k.shape[-2]}x{k.shape[-1]}", fontsize=8)
     fig.suptitle('PCA eigen-kernels per layer (explained variance)' + (f', centre {zoom}x{zoom}' if zoom else ''), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/06_analysis.ipynb #fdf10de4
+def plot_kernels(kernels, layer: str | None = None, n: int = 32, ncols: int = 8, zoom: int | None = 9, shared: bool = False, fig=None):
+    """The raw spatial kernels of one layer as a grid (paper Figs. A22/A23): `kernels` (n, H, W), centred, or a
+    `spatial_kernels` dict and the `layer` to draw (default: its first). The first `n`, each cropped to its centre
+    `zoom` x `zoom` (odd; None: whole), on its own symmetric colour scale (`shared=True`: one scale for all)."""
+    import matplotlib.pyplot as plt
+    if isinstance(kernels, dict):
+        if not kernels: raise ArgumentError("kernels is an empty dict: the model has no NIFF layers to draw")
+        layer = next(iter(kernels)) if layer is None else layer
+        check_choice('layer', layer, tuple(kernels))
+        kernels = kernels[layer]
+    check_tensor('kernels', kernels, 3, what=' (n, H, W) or a dict of them')
+    n, ncols = check_int('n', n), check_int('ncols', ncols)
+    if zoom is not None and (check_int('zoom', zoom) % 2 == 0):
+        raise ArgumentError(f"zoom must be an odd number of pixels (a window centred on the kernel's centre) or None; got {zoom}")
+    k = kernels[:n].detach().float().cpu()
+    shown = k if zoom is None else centre_crop(k, zoom)
+    rows, cols = -(-len(k) // ncols), min(ncols, len(k))
+    fig = fig or plt.figure(figsize=(1.05 * cols + 0.3, 1.05 * rows + 0.5))
+    axs = fig.subplots(rows, cols, squeeze=False)
+    top = shown.abs().max().item() or 1.0
+    for i, ax in enumerate(axs.flat):
+        ax.set_xticks([]); ax.set_yticks([])
+        if i >= len(shown): ax.axis('off'); continue
+        lim = top if shared else (shown[i].abs().max().item() or 1.0)
+        ax.imshow(shown[i], cmap='RdBu_r', vmin=-lim, vmax=lim)
+        ax.set_title(str(i), fontsize=7)
+    h, w = kernels.shape[-2:]
+    crop = f', centre {shown.shape[-2]}x{shown.shape[-1]}' if zoom is not None and tuple(shown.shape[-2:]) != (h, w) else ''
+    fig.suptitle(f"{layer + ': ' if layer else ''}{len(k)} of {len(kernels)} kernels ({h}x{w}{crop})", fontsize=9)
     fig.tight_layout()
     return fig
 

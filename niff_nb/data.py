@@ -21,19 +21,23 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from .core import check_float, check_int
+
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD',
-           'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CIFAR10_CLASSES', 'BAD_IMAGES', 'BATCHED',
-           'canonical_name', 'DatasetNotFoundError', 'data_dir', 'read_idx', 'find_fashion_mnist', 'check_labels',
-           'load_fashion_mnist', 'write_idx', 'fake_fashion_mnist', 'DatasetInfo', 'dataset_info', 'TensorImageDataset',
-           'train_transform', 'eval_transform', 'random_crop_flip', 'BatchTransform', 'read_cifar_batch',
-           'find_cifar10', 'load_cifar10', 'imagefolder_classes', 'BadImageError', 'FolderDataset', 'load_imagefolder',
-           'get_dataset', 'SeededRandomSampler', 'seed_for', 'make_loader', 'set_epoch', 'subset_dataset',
-           'batch_transforms', 'check_dataset', 'get_dataloaders']
+           'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CIFAR10_CLASSES', 'RAND_AUGMENT_MAX',
+           'BAD_IMAGES', 'BATCHED', 'canonical_name', 'DatasetNotFoundError', 'data_dir', 'read_idx',
+           'find_fashion_mnist', 'check_labels', 'load_fashion_mnist', 'write_idx', 'fake_fashion_mnist', 'DatasetInfo',
+           'dataset_info', 'TensorImageDataset', 'train_transform', 'eval_transform', 'random_crop_flip',
+           'BatchTransform', 'JitteredRandAugment', 'rand_augment', 'random_erasing', 'mix_transform',
+           'read_cifar_batch', 'find_cifar10', 'load_cifar10', 'fake_cifar10', 'imagefolder_classes', 'BadImageError',
+           'FolderDataset', 'load_imagefolder', 'fake_imagefolder', 'get_dataset', 'SeededRandomSampler', 'seed_for',
+           'make_loader', 'set_epoch', 'subset_dataset', 'batch_transforms', 'check_dataset', 'get_dataloaders']
 
 # %% ../nbs/04_data.ipynb #af974306
 DATASETS = ('fashion-mnist', 'cifar10', 'imagenet100', 'imagefolder')
@@ -293,18 +297,22 @@ def _finish(info: DatasetInfo) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(info.mean), list(info.std))]
 
 def train_transform(name: str = 'fashion-mnist', image_size: int | None = None, augment: bool = True,
-                    padding: int | None = None, flip: bool | None = None) -> v2.Compose:
-    "Per-sample training transform of dataset `name` (torchvision.transforms.v2): augmentation, then float + normalise."
+                    padding: int | None = None, flip: bool | None = None, randaugment: float | None = None,
+                    randaugment_std: float = 0.0, erasing: float = 0.0) -> v2.Compose:
+    """Per-sample training transform of dataset `name` (torchvision.transforms.v2): augmentation, then float + normalise.
+    `randaugment`/`randaugment_std` (RandAugment on uint8, before the float conversion) and `erasing` (random erasing
+    of the normalised image) add the ConvNeXt pipeline's policies (see `rand_augment`, `random_erasing`)."""
     name = canonical_name(name); info = dataset_info(name)
     size = _image_size(image_size, info.image_size)
     pad, flip = _aug_params(name, padding, flip)
+    ra, re_ = _strong_policies(name, randaugment, randaugment_std, erasing) if randaugment is not None or erasing else ([], [])
     flips = [v2.RandomHorizontalFlip()] if flip else []
     if name in _PAD:
-        steps = ([v2.RandomCrop(info.image_size, padding=pad)] if pad else []) + flips if augment else []
+        steps = ([v2.RandomCrop(info.image_size, padding=pad)] if pad else []) + flips + ra if augment else []
         if size != info.image_size: steps.append(v2.Resize(size, antialias=True))
-    elif augment: steps = [v2.RandomResizedCrop(size, antialias=True), *flips]
+    elif augment: steps = [v2.RandomResizedCrop(size, antialias=True), *flips, *ra]
     else: steps = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
-    return v2.Compose([v2.ToImage(), *steps, *_finish(info)])
+    return v2.Compose([v2.ToImage(), *steps, *_finish(info), *(re_ if augment else [])])
 
 def eval_transform(name: str = 'fashion-mnist', image_size: int | None = None) -> v2.Compose:
     "Per-sample evaluation transform of dataset `name`: deterministic resize/centre-crop where needed, float + normalise."
@@ -335,7 +343,8 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip_p: float = 0.5, generat
 class BatchTransform:
     "Vectorised `train_transform`/`eval_transform` for uint8 batches (B, C, H, W) on any device (fashion-mnist, cifar10)."
     def __init__(self, name: str = 'fashion-mnist', train: bool = True, augment: bool = True, image_size: int | None = None,
-                 padding: int | None = None, flip: bool | None = None):
+                 padding: int | None = None, flip: bool | None = None, randaugment: float | None = None,
+                 randaugment_std: float = 0.0, erasing: float = 0.0):
         self.name = canonical_name(name)
         if self.name not in _PAD:
             raise ValueError(f"name must be one of {tuple(_PAD)} for BatchTransform (fixed-size images); got {name!r}; "
@@ -343,6 +352,9 @@ class BatchTransform:
         self.info, self.train, self.augment = dataset_info(self.name), bool(train), bool(augment)
         self.image_size = _image_size(image_size, self.info.image_size)
         self.padding, self.flip = _aug_params(self.name, padding, flip)
+        self.randaugment, self.randaugment_std, self.erasing = randaugment, randaugment_std, erasing
+        self._ra, self._re = (_strong_policies(self.name, randaugment, randaugment_std, erasing)     # lists, empty when off
+                              if randaugment is not None or erasing else ([], []))
         self._stats = {}
 
     def stats(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,17 +370,74 @@ class BatchTransform:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1:] != (i.in_channels, i.image_size, i.image_size):
             raise ValueError(f"x must be a uint8 batch (B, {i.in_channels}, {i.image_size}, {i.image_size}) for {self.name}; "
                              f"got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-        if self.train and self.augment and (self.padding or self.flip):
+        aug = self.train and self.augment
+        if aug and (self.padding or self.flip):
             x = random_crop_flip(x, self.padding, 0.5 if self.flip else 0., generator)
+        if aug and self._ra: x = torch.stack([self._ra[0](xi) for xi in x])      # per image: its own ops and magnitudes
         x = x.float().div_(255)
         if self.image_size != i.image_size:
             x = F.interpolate(x, size=(self.image_size,) * 2, mode='bilinear', antialias=True, align_corners=False)
         mean, std = self.stats(x.device, x.dtype)
-        return (x - mean) / std
+        x = (x - mean) / std
+        if aug and self._re: x = torch.stack([self._re[0](xi) for xi in x])      # per image: its own rectangle, or none
+        return x
 
     def __repr__(self):
+        strong = (f", randaugment={self.randaugment}, randaugment_std={self.randaugment_std}" if self._ra else '') + \
+                 (f", erasing={self.erasing}" if self._re else '')
         return (f"BatchTransform({self.name!r}, train={self.train}, augment={self.augment}, image_size={self.image_size}, "
-                f"padding={self.padding}, flip={self.flip})")
+                f"padding={self.padding}, flip={self.flip}{strong})")
+
+# %% ../nbs/04_data.ipynb #83bf05b3
+RAND_AUGMENT_MAX = 10          # timm's magnitude scale: 0 (no change) .. 10 (each op's largest distortion)
+
+class JitteredRandAugment(v2.RandAugment):
+    """torchvision's RandAugment with timm's magnitude noise (`rand-m{magnitude}-mstd{std}`): `num_ops` ops per image, each
+    with its own magnitude drawn from N(magnitude, std^2), clipped to [0, 10] and rounded to 0.1."""
+    def __init__(self, magnitude: float = 9, std: float = 0.5, num_ops: int = 2, fill=None,
+                 interpolation=v2.InterpolationMode.BILINEAR):
+        check_float('magnitude', magnitude, 0, RAND_AUGMENT_MAX); check_float('std', std, 0)
+        super().__init__(num_ops=1, magnitude=0, num_magnitude_bins=10 * RAND_AUGMENT_MAX + 1, interpolation=interpolation, fill=fill)
+        check_int('num_ops', num_ops, 1)
+        self.mean_magnitude, self.std, self.ops = float(magnitude), float(std), int(num_ops)
+
+    def forward(self, *inputs):
+        x = inputs[0] if len(inputs) == 1 else inputs
+        for _ in range(self.ops):                           # one op at a time, each with a magnitude of its own
+            m = self.mean_magnitude + (self.std * torch.randn(()).item() if self.std else 0.0)
+            self.magnitude = round(10 * min(max(m, 0.0), RAND_AUGMENT_MAX))
+            x = super().forward(x)
+        return x
+
+    def extra_repr(self) -> str: return f"num_ops={self.ops}, magnitude={self.mean_magnitude}, std={self.std}"
+
+def rand_augment(name: str = 'imagenet100', magnitude: float = 9, std: float = 0.5, num_ops: int = 2) -> JitteredRandAugment:
+    "RandAugment for uint8 images of dataset `name`; pixels a geometric op uncovers get the dataset's mean colour (timm's fill)."
+    info = dataset_info(name)
+    return JitteredRandAugment(magnitude, std, num_ops, fill=[round(255 * m) for m in info.mean])
+
+def random_erasing(p: float = 0.25) -> v2.RandomErasing:
+    "timm's random erasing ('pixel' mode, one box): with probability `p`, a box of 2-33 % of the area, aspect 0.3-3.3, becomes N(0, 1) noise."
+    return v2.RandomErasing(p=check_float('erasing', p, 0, 1), scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random')
+
+def _strong_policies(name: str, randaugment, randaugment_std, erasing) -> tuple[list, list]:
+    "([RandAugment] or [], [RandomErasing] or []) for dataset `name`, the arguments checked."
+    if randaugment is not None: check_float('randaugment', randaugment, 0, RAND_AUGMENT_MAX)
+    check_float('randaugment_std', randaugment_std, 0); check_float('erasing', erasing, 0, 1)
+    return ([rand_augment(name, randaugment, randaugment_std)] if randaugment is not None else [],
+            [random_erasing(erasing)] if erasing else [])
+
+# %% ../nbs/04_data.ipynb #e361ee00
+def mix_transform(mixup: float = 0.0, cutmix: float = 0.0, num_classes: int | None = None):
+    """MixUp (Beta(`mixup`, `mixup`)) and/or CutMix (Beta(`cutmix`, `cutmix`)) of a batch and its int labels, from
+    torchvision.transforms.v2: `mix(images, labels)` -> (images, soft labels (B, num_classes)). With both, each batch gets one
+    of the two with probability 1/2 (timm's switch_prob=0.5). None when both alphas are 0."""
+    check_float('mixup', mixup, 0); check_float('cutmix', cutmix, 0)
+    if not mixup and not cutmix: return None
+    check_int('num_classes', num_classes, 2)
+    ts = ([v2.MixUp(alpha=float(mixup), num_classes=num_classes)] if mixup else []) + \
+         ([v2.CutMix(alpha=float(cutmix), num_classes=num_classes)] if cutmix else [])
+    return ts[0] if len(ts) == 1 else v2.RandomChoice(ts)
 
 # %% ../nbs/04_data.ipynb #fa8b9602
 _CIFAR_DIR = 'cifar-10-batches-py'
@@ -432,6 +501,40 @@ def load_cifar10(split: str = 'train', root=None, download: bool = False) -> tup
     x, y = torch.cat(xs), torch.cat(ys)
     if len(x) == 0: raise ValueError(f"{d}: the {split} batches hold no images; delete them and get them again")
     return x, y
+
+# %% ../nbs/04_data.ipynb #10fad752
+def _class_patterns(n: int, channels: int, size: int, seed: int = 20240) -> torch.Tensor:
+    "`n` fixed smooth random patterns (n, channels, size, size) in [0, 1], the same for every call with the same arguments."
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, channels, 5, 5, generator=g), size=(size, size), mode='bicubic', align_corners=False).clamp(0, 1)
+
+def _fake_images(patterns: torch.Tensor, labels: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    "uint8 images (n, C, size, size): each label's pattern, cut at a random offset and noised."
+    span = patterns.shape[-1] - size + 1
+    oy, ox = torch.randint(0, span, (2, len(labels)), generator=g)
+    x = torch.stack([patterns[c, :, a:a + size, b:b + size] for c, a, b in zip(labels.tolist(), oy.tolist(), ox.tolist())])
+    return (x * 255 + 40 * torch.randn(x.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+
+def _balanced_labels(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    y = torch.arange(n) % k
+    return y[torch.randperm(n, generator=g)]
+
+def fake_cifar10(root, n_train: int = 100, n_test: int = 50, seed: int = 0) -> Path:
+    """Write a small, learnable stand-in for CIFAR-10 in its python format into `root/cifar-10-batches-py/`
+    (`data_batch_1..5`, `test_batch`, `batches.meta`; balanced classes); returns `root`."""
+    for name, v, low in (('n_train', n_train, 5), ('n_test', n_test, 1), ('seed', seed, 0)): check_int(name, v, low)
+    root = Path(root); d = root / _CIFAR_DIR; d.mkdir(parents=True, exist_ok=True)
+    patterns, g = _class_patterns(10, 3, 36), torch.Generator().manual_seed(seed)
+    y_train, y_test = _balanced_labels(n_train, 10, g), _balanced_labels(n_test, 10, g)
+    parts = [(f, y) for f, y in zip(_CIFAR_FILES['train'], torch.tensor_split(y_train, 5))] + [('test_batch', y_test)]
+    for f, y in parts:
+        x = _fake_images(patterns, y, 32, g)
+        batch = {'batch_label': f'{f} (niff_nb stand-in)', 'labels': y.tolist(), 'data': x.reshape(len(x), -1).numpy(),
+                 'filenames': [f'{f}_{j:05d}.png' for j in range(len(x))]}
+        (d / f).write_bytes(pickle.dumps(batch, protocol=2))
+    (d / 'batches.meta').write_bytes(pickle.dumps({'label_names': list(CIFAR10_CLASSES), 'num_cases_per_batch': len(parts[0][1]),
+                                                   'num_vis': 3072}, protocol=2))
+    return root
 
 # %% ../nbs/04_data.ipynb #904afe50
 _FOLDER_HINT = ("pass root=DIR with DIR/train/<class>/<image> and DIR/val/<class>/<image> (jpg, png, ...); "
@@ -510,16 +613,36 @@ def load_imagefolder(name: str = 'imagefolder', split: str = 'train', root=None,
         raise DatasetNotFoundError(name, [f"{d}: no images in any class directory"], _FOLDER_HINT)
     return ds
 
+# %% ../nbs/04_data.ipynb #a630f09f
+def fake_imagefolder(root, num_classes: int = 100, n_train: int = 2, n_val: int = 1, size: int = 32, seed: int = 0,
+                     ext: str = '.JPEG') -> Path:
+    "Write a small, learnable ImageFolder tree (`root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG`, `n_train`/`n_val` per class); returns `root`."
+    for name, v, low in (('num_classes', num_classes, 1), ('n_train', n_train, 1), ('n_val', n_val, 1), ('size', size, 8),
+                         ('seed', seed, 0)): check_int(name, v, low)
+    root, g = Path(root), torch.Generator().manual_seed(seed)
+    patterns = _class_patterns(num_classes, 3, size + size // 8)
+    for split, n in (('train', n_train), ('val', n_val)):
+        y = torch.arange(num_classes).repeat_interleave(n)
+        x = _fake_images(patterns, y, size, g)
+        for j, (img, c) in enumerate(zip(x, y.tolist())):
+            d = root / split / f'n{c:08d}'
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f'{split}_{j:06d}{ext}', quality=95)
+    return root
+
 # %% ../nbs/04_data.ipynb #765d4472
 def get_dataset(name: str = 'fashion-mnist', split: str = 'train', root=None, transform='default',
-                download: bool = False, image_size: int | None = None, augment: bool = True, bad_images: str = 'stop') -> Dataset:
-    "Dataset `name`, `split` ('train'/'test'), yielding (image tensor, int label); see the search order of each loader."
+                download: bool = False, image_size: int | None = None, augment: bool = True, bad_images: str = 'stop',
+                randaugment: float | None = None, randaugment_std: float = 0.0, erasing: float = 0.0) -> Dataset:
+    """Dataset `name`, `split` ('train'/'test'), yielding (image tensor, int label); see the search order of each loader.
+    `randaugment`, `randaugment_std` and `erasing` go to the default training transform (`train_transform`)."""
     name, split = canonical_name(name), _check_split(split)
     if bad_images not in BAD_IMAGES: raise ValueError(f"bad_images must be one of {BAD_IMAGES}; got {bad_images!r}")
     if isinstance(transform, str):
         if transform != 'default':
             raise ValueError(f"transform must be 'default', None or a callable; got {transform!r}")
-        transform = train_transform(name, image_size, augment) if split == 'train' else eval_transform(name, image_size)
+        transform = (train_transform(name, image_size, augment, randaugment=randaugment, randaugment_std=randaugment_std,
+                                     erasing=erasing) if split == 'train' else eval_transform(name, image_size))
     elif transform is not None and not callable(transform):
         raise ValueError(f"transform must be 'default', None or a callable; got {type(transform).__name__}")
     if name in ('imagenet100', 'imagefolder'):
@@ -597,11 +720,11 @@ def subset_dataset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
 
 BATCHED = tuple(_PAD)     # fixed-size datasets: kept as uint8 in memory and transformed a batch at a time on the device
 
-def batch_transforms(name: str, image_size: int | None = None, augment: bool = True) -> tuple:
-    "(train, test) `BatchTransform`s of a fixed-size dataset (`BATCHED`), or (None, None) for ImageFolder trees."
+def batch_transforms(name: str, image_size: int | None = None, augment: bool = True, **policies) -> tuple:
+    "(train, test) `BatchTransform`s of a fixed-size dataset (`BATCHED`), or (None, None) for ImageFolder trees; `policies` (randaugment, ...) go to the training one."
     name = canonical_name(name)
     if name not in BATCHED: return None, None
-    return BatchTransform(name, True, augment, image_size), BatchTransform(name, False, image_size=image_size)
+    return BatchTransform(name, True, augment, image_size, **policies), BatchTransform(name, False, image_size=image_size)
 
 def check_dataset(name: str = 'fashion-mnist', root=None) -> None:
     "Raise `DatasetNotFoundError` unless both splits of dataset `name` are where `get_dataset` looks (reads no images)."
@@ -616,9 +739,11 @@ def get_dataloaders(name: str = 'fashion-mnist', root=None, batch_size: int = 25
                     transform='default', download: bool = False, distributed: bool | None = None,
                     drop_last: bool | None = None, eval_batch_size: int | None = None,
                     pin_memory: bool | None = None, eval_distributed: bool | None = None,
-                    bad_images: str = 'stop') -> tuple[DataLoader, DataLoader]:
+                    bad_images: str = 'stop', randaugment: float | None = None, randaugment_std: float = 0.0,
+                    erasing: float = 0.0) -> tuple[DataLoader, DataLoader]:
     """(train_loader, test_loader) of dataset `name`; `subset` limits each split to a deterministic sample for quick runs;
-    `transform='batch'` keeps fixed-size datasets uint8 and hands each loader its `BatchTransform` (`loader.batch_transform`)."""
+    `transform='batch'` keeps fixed-size datasets uint8 and hands each loader its `BatchTransform` (`loader.batch_transform`).
+    `randaugment`, `randaugment_std` and `erasing` add the ConvNeXt pipeline's policies to the training images, on whichever path they take."""
     _check_int(batch_size, 'batch_size', 1)
     if eval_batch_size is not None: _check_int(eval_batch_size, 'eval_batch_size', 1)
     if isinstance(subset, tuple) and len(subset) == 2: n_train, n_test = subset
@@ -626,15 +751,16 @@ def get_dataloaders(name: str = 'fashion-mnist', root=None, batch_size: int = 25
     else: raise ValueError(f"subset must be None, an int or a pair (n_train, n_test); got {subset!r}")
     for n in (n_train, n_test):
         if n is not None: _check_int(n, 'subset', 1)
+    policies = dict(randaugment=randaugment, randaugment_std=randaugment_std, erasing=erasing)
     bt_train = bt_test = None
     if transform == 'batch':
-        bt_train, bt_test = batch_transforms(name, image_size, augment)
+        bt_train, bt_test = batch_transforms(name, image_size, augment, **policies)
         t_train = t_test = None if bt_train is not None else 'default'
     elif transform is None or isinstance(transform, str): t_train = t_test = transform
     elif isinstance(transform, tuple) and len(transform) == 2: t_train, t_test = transform
     else: raise ValueError(f"transform must be 'default', None or a pair (train, test), or 'batch'; got {transform!r}")
     kw = dict(root=root, download=download, image_size=image_size, bad_images=bad_images)
-    train = subset_dataset(get_dataset(name, 'train', transform=t_train, augment=augment, **kw), n_train, seed)
+    train = subset_dataset(get_dataset(name, 'train', transform=t_train, augment=augment, **kw, **policies), n_train, seed)
     test = subset_dataset(get_dataset(name, 'test', transform=t_test, **kw), n_test, seed)
     common = dict(num_workers=num_workers, seed=seed, pin_memory=pin_memory)
     return (make_loader(train, batch_size, True, drop_last=drop_last, distributed=distributed, batch_transform=bt_train, **common),

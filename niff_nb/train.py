@@ -33,29 +33,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .core import ArgumentError, as_device, check_choice, is_int
+from .core import ArgumentError, as_device, check_choice, check_float, is_int
 from .zoo import ARCHS, EXTRA_ARCHS, all_variants, create_model
-from .data import (BAD_IMAGES, DATASETS, BatchTransform, check_dataset, dataset_info, get_dataloaders, get_dataset,
-                          make_loader, seed_for, set_epoch, subset_dataset)
+from .data import (BAD_IMAGES, DATASETS, RAND_AUGMENT_MAX, BatchTransform, check_dataset, dataset_info, get_dataloaders,
+                          get_dataset, make_loader, mix_transform, seed_for, set_epoch, subset_dataset)
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.ops import StochasticDepth
 
 try: import fcntl
 except ImportError: fcntl = None     # no OS file locks on this platform: a second run on one folder is not detected
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'AMP_MODES', 'RECIPES', 'SYNC_EVERY', 'CHECKPOINT_KEYS', 'RUN_FILES', 'STUDY_FILES', 'LOCK',
-           'RESUME_CHANGES', 'TrainConfig', 'recipe', 'config_from_dict', 'resolve_device', 'native_bf16',
-           'resolve_amp', 'DistInfo', 'setup_distributed', 'Runtime', 'setup_runtime', 'to_channels_last',
-           'build_loaders', 'topk_hits', 'topk_correct', 'Tally', 'run_batch', 'NonFiniteError', 'train_one_epoch',
-           'evaluate', 'set_run_mode', 'atomic_write', 'clean_temp_files', 'CheckpointError', 'save_checkpoint',
-           'load_checkpoint', 'checkpoint_config', 'seed_everything', 'build_model', 'build_optimizer',
-           'cosine_schedule', 'load_model_state', 'restore', 'RunFolderError', 'check_out_path', 'folder_contents',
-           'lock_folder', 'swap_folders', 'RunDir', 'MetricsError', 'read_metrics', 'nonfinite_tensors', 'RunLog',
-           'resume_config', 'TrainingInterrupted', 'fit', 'model_from_checkpoint', 'given_fields', 'config_from_args',
+__all__ = ['OPTIMIZERS', 'AMP_MODES', 'SCHEDULES', 'STOCHASTIC_DEPTH_ARCHS', 'RECIPE_OPTIONS', 'CONVNEXT_PIPELINE', 'RECIPES',
+           'SYNC_EVERY', 'CHECKPOINT_KEYS', 'RMSPROP_ALPHA', 'RUN_FILES', 'STUDY_FILES', 'LOCK', 'RESUME_CHANGES',
+           'TrainConfig', 'recipe', 'config_from_dict', 'resolve_device', 'native_bf16', 'resolve_amp', 'DistInfo',
+           'setup_distributed', 'Runtime', 'setup_runtime', 'to_channels_last', 'build_loaders', 'topk_hits',
+           'topk_correct', 'Tally', 'run_batch', 'NonFiniteError', 'train_one_epoch', 'evaluate', 'set_run_mode',
+           'atomic_write', 'clean_temp_files', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
+           'checkpoint_config', 'seed_everything', 'build_model', 'scaled_lr', 'build_optimizer', 'cosine_schedule',
+           'epoch_schedule', 'lr_schedule', 'load_model_state', 'restore', 'residual_blocks', 'set_stochastic_depth',
+           'make_ema', 'ema_weights', 'RunFolderError', 'check_out_path', 'folder_contents', 'lock_folder',
+           'swap_folders', 'RunDir', 'MetricsError', 'read_metrics', 'nonfinite_tensors', 'RunLog', 'resume_config',
+           'TrainingInterrupted', 'fit', 'model_from_checkpoint', 'given_fields', 'config_from_args',
            'resume_from_args', 'niff_train']
 
 # %% ../nbs/05_train.ipynb #3d238cf5
-OPTIMIZERS = ('sgd', 'adamw')
+OPTIMIZERS = ('sgd', 'adamw', 'rmsprop')
 AMP_MODES = ('auto', 'off', 'bf16', 'fp16')
+SCHEDULES = ('cosine', 'step', 'exponential')
+STOCHASTIC_DEPTH_ARCHS = ('convnext_tiny', 'resnet18', 'resnet50', 'resnet101')   # architectures with droppable residual branches
 
 @dataclass
 class TrainConfig:
@@ -85,6 +91,22 @@ class TrainConfig:
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
     bad_images: str = 'stop'             # unreadable ImageFolder images: 'stop' or 'skip'
+    # the recipe options of the ImageNet recipes (next section); the defaults leave every older recipe as it was
+    lr_reference_batch: int | None = None   # lr is given for this global batch: the run uses lr * batch_size / lr_reference_batch
+    schedule: str = 'cosine'             # after the warm-up: 'cosine' (to 0), 'step' (x lr_gamma at lr_milestones), 'exponential'
+    lr_milestones: tuple = ()            # 'step': the epochs after which the learning rate is multiplied by lr_gamma
+    lr_gamma: float = 0.1                # 'step': the factor at each milestone; 'exponential': the factor per epoch
+    nesterov: bool = False               # SGD with Nesterov momentum
+    randaugment: float | None = None     # RandAugment magnitude on timm's 0-10 scale, 2 ops per image (None: off)
+    randaugment_std: float = 0.0         # Gaussian noise on that magnitude, drawn per op (timm's mstd)
+    random_erasing: float = 0.0          # probability of erasing one box of each training image
+    mixup: float = 0.0                   # MixUp alpha (0: off)
+    cutmix: float = 0.0                  # CutMix alpha (0: off); with both, one of the two per batch
+    stochastic_depth: float | None = None   # drop rate of the last residual block, linear in depth (None: the model as built)
+    ema_decay: float | None = None       # an EMA of the weights with this decay per step, evaluated and checkpointed (None: off)
+
+    def __post_init__(self):
+        if isinstance(self.lr_milestones, list): self.lr_milestones = tuple(self.lr_milestones)   # JSON stores tuples as lists
 
     def validate(self) -> 'TrainConfig':
         "Raise an `ArgumentError` (a ValueError) naming the first bad field and what it accepts."
@@ -109,6 +131,28 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict): raise ArgumentError(f"model_kwargs must be a dict; got {self.model_kwargs!r}")
         for name in ('subset', 'test_subset'):
             if getattr(self, name) is not None: _positive(self, name, integer=True)
+        return self._validate_recipe_options()
+
+    def _validate_recipe_options(self) -> 'TrainConfig':
+        if self.lr_reference_batch is not None: _positive(self, 'lr_reference_batch', integer=True)
+        check_choice('schedule', self.schedule, SCHEDULES)
+        ms = self.lr_milestones
+        if not isinstance(ms, tuple) or not all(is_int(m) and m >= 1 for m in ms) or list(ms) != sorted(set(ms)):
+            raise ArgumentError(f"lr_milestones must be increasing epochs >= 1, e.g. (30, 60); got {ms!r}")
+        if self.schedule == 'step' and not ms: raise ArgumentError("schedule='step' needs lr_milestones, e.g. (30, 60)")
+        check_float('lr_gamma', self.lr_gamma, 0, 1, low_open=True)
+        check_choice('nesterov', self.nesterov, (True, False))
+        if self.nesterov and (self.optimizer != 'sgd' or not self.momentum > 0):
+            raise ArgumentError(f"nesterov=True needs optimizer='sgd' and momentum > 0; got optimizer={self.optimizer!r}, momentum={self.momentum!r}")
+        if self.randaugment is not None: check_float('randaugment', self.randaugment, 0, RAND_AUGMENT_MAX)
+        check_float('randaugment_std', self.randaugment_std, 0); check_float('random_erasing', self.random_erasing, 0, 1)
+        check_float('mixup', self.mixup, 0); check_float('cutmix', self.cutmix, 0)
+        if self.stochastic_depth is not None:
+            check_float('stochastic_depth', self.stochastic_depth, 0, 1, high_open=True)
+            if self.stochastic_depth > 0 and self.arch not in STOCHASTIC_DEPTH_ARCHS:
+                raise ArgumentError(f"stochastic_depth applies to the residual blocks of {', '.join(STOCHASTIC_DEPTH_ARCHS)}; "
+                                    f"arch={self.arch!r} has none it can drop: pass stochastic_depth=None (or 0)")
+        if self.ema_decay is not None: check_float('ema_decay', self.ema_decay, 0, 1, low_open=True, high_open=True)
         return self
 
 def _positive(cfg, name, integer=False):
@@ -122,9 +166,27 @@ def _non_negative(cfg, name):
         raise ArgumentError(f"{name} must be a finite number >= 0; got {v!r}")
 
 # %% ../nbs/05_train.ipynb #cead0533
+RECIPE_OPTIONS = ('lr_reference_batch', 'schedule', 'lr_milestones', 'lr_gamma', 'nesterov', 'randaugment', 'randaugment_std',
+                  'random_erasing', 'mixup', 'cutmix', 'stochastic_depth', 'ema_decay')
+CONVNEXT_PIPELINE = dict(randaugment=9, randaugment_std=0.5, random_erasing=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+
 RECIPES = {
     'paper-cifar': {},
-    'convnext-adamw': dict(optimizer='adamw', lr=4e-3, weight_decay=0.05, warmup_epochs=20, epochs=300, batch_size=4096),
+    # Liu et al. 2022, ConvNeXt-T: AdamW, lr 4e-3 at batch 4096, wd 0.05, 300 epochs, 20 warm-up, cosine, its pipeline, drop path 0.1, EMA
+    'convnext-adamw': dict(arch='convnext_tiny', dataset='imagenet100', optimizer='adamw', lr=4e-3, lr_reference_batch=4096,
+                           batch_size=4096, weight_decay=0.05, epochs=300, warmup_epochs=20, **CONVNEXT_PIPELINE,
+                           stochastic_depth=0.1, ema_decay=0.9999),
+    # He et al. 2016 as trained by torchvision's reference: SGD 0.9, lr 0.1 at batch 256, wd 1e-4, 90 epochs, x0.1 at 30 and 60
+    'resnet-sgd': dict(dataset='imagenet100', optimizer='sgd', lr=0.1, lr_reference_batch=256, batch_size=256, momentum=0.9,
+                       weight_decay=1e-4, epochs=90, schedule='step', lr_milestones=(30, 60), lr_gamma=0.1, label_smoothing=0.0),
+    # Huang et al. 2017: SGD with Nesterov momentum 0.9, lr 0.1 at batch 256, wd 1e-4, 90 epochs, x0.1 at 30 and 60
+    'densenet-sgd': dict(arch='densenet121', dataset='imagenet100', optimizer='sgd', lr=0.1, lr_reference_batch=256, batch_size=256,
+                         momentum=0.9, nesterov=True, weight_decay=1e-4, epochs=90, schedule='step', lr_milestones=(30, 60),
+                         lr_gamma=0.1, label_smoothing=0.0),
+    # Sandler et al. 2018: RMSProp (decay 0.9, momentum 0.9), lr 0.045 at batch 96, wd 4e-5, x0.98 per epoch; 300 epochs (torchvision's)
+    'mobilenet-v2-rmsprop': dict(arch='mobilenet_v2', dataset='imagenet100', optimizer='rmsprop', lr=0.045, lr_reference_batch=96,
+                                 batch_size=96, momentum=0.9, weight_decay=4e-5, epochs=300, schedule='exponential', lr_gamma=0.98,
+                                 label_smoothing=0.0),
     'fashion-mnist-quick': dict(arch='smallcnn', dataset='fashion-mnist', epochs=5, batch_size=128, optimizer='adamw',
                                 lr=4e-3, weight_decay=0.05, warmup_epochs=0.3, label_smoothing=0.1),
 }
@@ -137,7 +199,8 @@ def recipe(name: str = 'paper-cifar', **overrides) -> TrainConfig:
     if unknown: raise ArgumentError(f"unknown TrainConfig fields {sorted(unknown)}; accepted: {names}")
     return TrainConfig(**{**RECIPES[name], **overrides}).validate()
 
-_ADDED_FIELDS = {'bad_images': 'stop'}   # fields newer than the first stored configurations: filled in when missing
+_ADDED_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)         # fields newer than the first stored
+                 if f.name == 'bad_images' or f.name in RECIPE_OPTIONS}                  # configurations: filled in when missing
 
 def config_from_dict(d, source: str = 'configuration') -> TrainConfig:
     "A validated `TrainConfig` from a stored dict; unknown or missing fields are an `ArgumentError` naming them and `source`."
@@ -255,7 +318,8 @@ def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple:
     per_rank = cfg.batch_size // world
     return get_dataloaders(cfg.dataset, cfg.data, per_rank, cfg.num_workers, cfg.seed, (cfg.subset, cfg.test_subset),
                            transform='batch', distributed=rt.dist.enabled, eval_distributed=False,
-                           eval_batch_size=max(per_rank, 256), pin_memory=rt.device.type == 'cuda', bad_images=cfg.bad_images)
+                           eval_batch_size=max(per_rank, 256), pin_memory=rt.device.type == 'cuda', bad_images=cfg.bad_images,
+                           randaugment=cfg.randaugment, randaugment_std=cfg.randaugment_std, erasing=cfg.random_erasing)
 
 # %% ../nbs/05_train.ipynb #5b63576e
 def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
@@ -298,17 +362,19 @@ class Tally:
 
 # %% ../nbs/05_train.ipynb #2e2cce1f
 def run_batch(model: nn.Module, batch, rt: Runtime, criterion, optimizer=None, scheduler=None,
-              batch_transform=None, generator: torch.Generator | None = None) -> tuple:
+              batch_transform=None, generator: torch.Generator | None = None, mix=None) -> tuple:
     """One batch, the same for training (with `optimizer`) and evaluation (without): to the device, batch transform,
-    channels-last, forward and loss under autocast; then backward and steps when training. Returns (loss, logits, labels),
-    all on the device: nothing here waits for the GPU."""
+    MixUp/CutMix (`mix`, training only: the loss then sees soft labels), channels-last, forward and loss under autocast;
+    then backward and steps when training. Returns (loss, logits, labels), all on the device: nothing here waits for the GPU."""
     x, y = batch
     x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
     if batch_transform is not None: x = batch_transform(x) if generator is None else batch_transform(x, generator)
+    target = y
+    if mix is not None and optimizer is not None: x, target = mix(x, y)
     if rt.channels_last and x.dim() == 4: x = x.contiguous(memory_format=torch.channels_last)
     with rt.autocast():
         logits = model(x)
-        loss = criterion(logits.float(), y)
+        loss = criterion(logits.float(), target)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         if rt.scaler is not None and rt.scaler.is_enabled():
@@ -326,16 +392,18 @@ class NonFiniteError(FloatingPointError):
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, amp_dtype=None, scaler=None,
                     channels_last=False, progress=True, desc='train', batch_transform=None, generator=None,
-                    sync_every: int = SYNC_EVERY) -> dict:
+                    sync_every: int = SYNC_EVERY, mix=None, ema: AveragedModel | None = None) -> dict:
     """Train `model` for one pass over `loader`; return mean loss, accuracy, images and seconds. The host reads the
-    running sums on the device every `sync_every` steps and at the end, never every step."""
+    running sums on the device every `sync_every` steps and at the end, never every step. `mix` mixes each batch
+    (MixUp/CutMix); `ema` is updated after every step."""
     rt = Runtime(as_device(device), amp_dtype, channels_last, scaler)
     bt = batch_transform if batch_transform is not None else getattr(loader, 'batch_transform', None)
     model.train()
     tally, t0 = Tally(rt.device), time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar, 1):
-        loss, logits, y = run_batch(model, batch, rt, criterion, optimizer, scheduler, bt, generator)
+        loss, logits, y = run_batch(model, batch, rt, criterion, optimizer, scheduler, bt, generator, mix)
+        if ema is not None: ema.update_parameters(model)
         tally.add(loss * y.shape[0], logits, y)
         if step % sync_every == 0:
             r = _finite_loss(tally.read(), f"step {step} of {desc}")
@@ -465,21 +533,29 @@ def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    "The model `cfg` describes, sized for its dataset."
+def build_model(cfg: TrainConfig, device=None) -> nn.Module:
+    "The model `cfg` describes, sized for its dataset, with its stochastic depth (`device='meta'`: the structure only)."
     info = dataset_info(cfg.dataset, root=cfg.data)
     kwargs = dict(num_classes=info.num_classes, in_channels=info.in_channels, input_size=info.image_size)
-    return create_model(cfg.arch, cfg.variant, **{**kwargs, **cfg.model_kwargs})
+    model = create_model(cfg.arch, cfg.variant, **{**kwargs, **cfg.model_kwargs, **({'device': device} if device is not None else {})})
+    if cfg.stochastic_depth is not None: set_stochastic_depth(model, cfg.stochastic_depth)
+    return model
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    "The learning rate of the run: `lr`, scaled linearly to `batch_size` when `lr_reference_batch` names the batch `lr` is for."
+    return cfg.lr * cfg.batch_size / cfg.lr_reference_batch if cfg.lr_reference_batch else cfg.lr
+
+RMSPROP_ALPHA = 0.9        # RMSProp's "decay" in the MobileNet-v2 paper
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    "SGD (momentum, decay on all weights) or AdamW (no decay on biases and norms)."
-    params = [p for p in model.parameters() if p.requires_grad]
+    "SGD (momentum, optionally Nesterov; decay on all weights), AdamW or RMSProp (no decay on biases and norms), at `scaled_lr(cfg)`."
+    params, lr = [p for p in model.parameters() if p.requires_grad], scaled_lr(cfg)
     if cfg.optimizer == 'sgd':
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    return torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
-                              {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    groups = [{'params': [p for p in params if p.dim() > 1], 'weight_decay': cfg.weight_decay},
+              {'params': [p for p in params if p.dim() <= 1], 'weight_decay': 0.0}]
+    if cfg.optimizer == 'rmsprop': return torch.optim.RMSprop(groups, lr=lr, alpha=RMSPROP_ALPHA, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     "Linear warm-up to the base learning rate, then a cosine decay to zero, stepped once per batch."
@@ -489,6 +565,23 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0) -> torch
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+def epoch_schedule(optimizer, steps_per_epoch: int, warmup_steps: int = 0, milestones=(), gamma: float = 0.1,
+                   kind: str = 'step') -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then per epoch e (from 0): the base rate times gamma^(milestones <= e) ('step', torchvision's MultiStepLR)
+    or gamma^e ('exponential', StepLR(1, gamma)); stepped once per batch."""
+    check_choice('kind', kind, ('step', 'exponential'))
+    def factor(step):
+        warm = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+        epoch = step // steps_per_epoch
+        return warm * gamma ** (sum(epoch >= m for m in milestones) if kind == 'step' else epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def lr_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    "The learning-rate schedule `cfg` asks for (`schedule`, `warmup_epochs`, `lr_milestones`, `lr_gamma`), stepped once per batch."
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == 'cosine': return cosine_schedule(optimizer, cfg.epochs * steps_per_epoch, warm)
+    return epoch_schedule(optimizer, steps_per_epoch, warm, cfg.lr_milestones, cfg.lr_gamma, cfg.schedule)
+
 def load_model_state(model: nn.Module, weights: dict, path) -> nn.Module:
     "`model` with the checkpoint's `weights` loaded; a `CheckpointError` (not a traceback) if they do not fit."
     try: model.load_state_dict(weights)
@@ -497,15 +590,58 @@ def load_model_state(model: nn.Module, weights: dict, path) -> nn.Module:
                               f"({str(e).strip().splitlines()[0]})") from None
     return model
 
-def restore(state: dict, model, optimizer, scheduler, scaler, path) -> int:
-    "Put checkpoint `state` back into the run's objects; returns the first epoch still to train."
+def restore(state: dict, model, optimizer, scheduler, scaler, path, ema=None) -> int:
+    "Put checkpoint `state` back into the run's objects (and its weight average into `ema`); returns the first epoch still to train."
     load_model_state(model, state['model'], path)
+    if ema is not None:
+        if not state.get('ema'): raise CheckpointError(f"{path} holds no EMA of the weights, but this run keeps one (ema_decay)")
+        try: ema.load_state_dict(state['ema'])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{path}: its EMA weights do not fit the model ({str(e).strip().splitlines()[0]})") from None
     try:
         optimizer.load_state_dict(state['optimizer']); scheduler.load_state_dict(state['scheduler'])
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its optimiser or scheduler state does not fit this run ({type(e).__name__}: {e})") from None
     if scaler is not None and scaler.is_enabled() and state.get('scaler'): scaler.load_state_dict(state['scaler'])
     return state['epoch'] + 1
+
+# %% ../nbs/05_train.ipynb #5dff0cfc
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    "The residual blocks of `model` whose branch stochastic depth can drop, in forward order (torchvision CNBlock, BasicBlock, Bottleneck)."
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return [m for m in model.modules() if isinstance(m, (CNBlock, BasicBlock, Bottleneck))]
+
+def _drop_branch(bn: nn.Module, inputs, output):
+    "Forward hook on a residual branch's last batch norm: its StochasticDepth applied to the branch output."
+    return bn.stochastic_depth(output)
+
+def set_stochastic_depth(model: nn.Module, p: float) -> nn.Module:
+    "Stochastic depth with rate `p` at the last residual block, linear in depth from 0 (ConvNeXt's rule); returns `model`."
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.resnet import Bottleneck
+    p = check_float('stochastic_depth', p, 0, 1, high_open=True)
+    blocks = residual_blocks(model)
+    if not blocks: raise ArgumentError("stochastic_depth needs residual blocks (torchvision ConvNeXt or ResNet); this model has none")
+    for i, block in enumerate(blocks):
+        rate = p * i / (len(blocks) - 1) if len(blocks) > 1 else p
+        if isinstance(block, CNBlock): block.stochastic_depth.p = rate; continue
+        bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        if hasattr(bn, 'stochastic_depth'): bn.stochastic_depth.p = rate
+        else:
+            bn.stochastic_depth = StochasticDepth(rate, 'row')
+            bn.register_forward_hook(_drop_branch)
+    return model
+
+# %% ../nbs/05_train.ipynb #dc9fda87
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    "An exponential moving average of `model`'s weights and buffers (decay per `update_parameters(model)` call, the first call copies)."
+    check_float('ema_decay', decay, 0, 1, low_open=True, high_open=True)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+def ema_weights(state: dict) -> dict:
+    "The averaged model's state dict from a checkpoint's `'ema'` entry (without the AveragedModel's `module.` prefix and step count)."
+    return {k[len('module.'):]: v for k, v in state['ema'].items() if k.startswith('module.')}
 
 # %% ../nbs/05_train.ipynb #fc9d9836
 RUN_FILES = ('last.pt', 'metrics.jsonl', 'config.json', 'tensorboard')
@@ -762,6 +898,7 @@ RESUME_CHANGES = ('epochs', 'amp', 'channels_last', 'compile', 'device', 'num_wo
 def resume_config(stored: TrainConfig, requested) -> TrainConfig:
     "`stored` (a checkpoint's configuration) with the fields of `requested` that may change on resume; any other difference is an `ArgumentError` listing them."
     req = asdict(requested) if isinstance(requested, TrainConfig) else dict(requested)
+    req = {k: tuple(v) if isinstance(v, list) else v for k, v in req.items()}      # flags and JSON give lists, configs tuples
     s = asdict(stored)
     unknown = sorted(set(req) - set(s))
     if unknown: raise ArgumentError(f"unknown TrainConfig fields {unknown}; accepted: {list(s)}")
@@ -816,13 +953,15 @@ def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
     raw = build_model(cfg).to(rt.device)
     if rt.channels_last: to_channels_last(raw)
     n_params = sum(p.numel() for p in raw.parameters())
+    ema = make_ema(raw, cfg.ema_decay) if cfg.ema_decay else None
+    mix = mix_transform(cfg.mixup, cfg.cutmix, cfg.model_kwargs.get('num_classes', dataset_info(cfg.dataset, root=cfg.data).num_classes))
     model = raw
     if rt.dist.enabled: model = nn.parallel.DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
     if cfg.compile: model = torch.compile(model) if cfg.compile is True else torch.compile(model, backend=cfg.compile)
     optimizer, steps = build_optimizer(raw, cfg), len(train_dl)
-    scheduler = cosine_schedule(optimizer, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
+    scheduler = lr_schedule(optimizer, cfg, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start = restore(state, raw, optimizer, scheduler, rt.scaler, folder.out / 'last.pt') if state else 1
+    start = restore(state, raw, optimizer, scheduler, rt.scaler, folder.out / 'last.pt', ema) if state else 1
     log = RunLog(folder, cfg.tensorboard)
     if main: folder.open(mode)
     try:
@@ -832,14 +971,19 @@ def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
             torch.manual_seed(seed)
             set_epoch(train_dl, epoch)
             tr = train_one_epoch(model, train_dl, optimizer, scheduler, criterion, rt.device, rt.amp_dtype, rt.scaler, rt.channels_last,
-                                 show, desc=f"{cfg.variant} epoch {epoch}/{cfg.epochs}", generator=torch.Generator(rt.device).manual_seed(seed))
+                                 show, desc=f"{cfg.variant} epoch {epoch}/{cfg.epochs}", generator=torch.Generator(rt.device).manual_seed(seed),
+                                 mix=mix, ema=ema)
             if main:
-                ev = evaluate(raw, test_dl, rt.device, rt.amp_dtype, rt.channels_last)
+                ev = evaluate(raw if ema is None else ema.module, test_dl, rt.device, rt.amp_dtype, rt.channels_last)
                 record = {'epoch': epoch, 'train_loss': tr['loss'], 'train_acc': tr['acc'], 'test_loss': ev['loss'],
                           'test_top1': ev['top1'], 'test_top5': ev['top5'], 'lr': optimizer.param_groups[0]['lr'],
                           'epoch_seconds': tr['seconds'], 'images_per_second': tr['images'] * rt.dist.world_size / tr['seconds']}
+                if ema is not None:            # the average is what is evaluated; the raw weights are logged beside it
+                    ev_raw = evaluate(raw, test_dl, rt.device, rt.amp_dtype, rt.channels_last)
+                    record.update(raw_test_loss=ev_raw['loss'], raw_test_top1=ev_raw['top1'], raw_test_top5=ev_raw['top5'])
                 log.record(record, raw, {'model': raw.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                                         'scaler': rt.scaler.state_dict(), 'epoch': epoch, 'config': asdict(cfg), 'metrics': record})
+                                         'scaler': rt.scaler.state_dict(), 'epoch': epoch, 'config': asdict(cfg), 'metrics': record,
+                                         **({'ema': ema.state_dict()} if ema is not None else {})})
                 if cfg.progress:
                     print(f"[{cfg.arch}/{cfg.variant}] epoch {epoch}/{cfg.epochs}: train loss {tr['loss']:.4f}, "
                           f"test top-1 {ev['top1']:.4f}, {tr['seconds']:.1f}s", flush=True)
@@ -855,13 +999,31 @@ def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
         if main: log.close(); folder.close()
     return _summary(cfg, log.history, n_params, rt.dist.rank, folder.out / 'last.pt')
 
-def model_from_checkpoint(path, map_location='cpu') -> tuple[nn.Module, dict]:
-    "Rebuild the model a checkpoint describes and load its weights; returns (model in eval mode, checkpoint)."
+def model_from_checkpoint(path, map_location='cpu', weights: str = 'auto') -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes and load its weights; returns (model in eval mode, checkpoint).
+    `weights`: 'auto' (the evaluated ones: the EMA when the run kept one, else the raw weights), 'ema' or 'raw'."""
+    check_choice('weights', weights, ('auto', 'ema', 'raw'))
     ckpt = load_checkpoint(path, map_location)
-    model = load_model_state(build_model(checkpoint_config(ckpt, path)), ckpt['model'], path)
+    if weights == 'ema' and not ckpt.get('ema'): raise CheckpointError(f"{path} holds no EMA of the weights (the run had no ema_decay)")
+    use_ema = weights == 'ema' or (weights == 'auto' and bool(ckpt.get('ema')))
+    model = load_model_state(build_model(checkpoint_config(ckpt, path)), ema_weights(ckpt) if use_ema else ckpt['model'], path)
     return model.eval(), ckpt
 
 # %% ../nbs/05_train.ipynb #c4a46bca
+class _Off:
+    "What `--ema-decay off` and the like parse to: the option set to None in the configuration (never a mode named 'off')."
+    def __repr__(self): return "'off'"
+_OFF = _Off()
+
+def _or_off(kind):
+    "An argparse type: a number of `kind`, or 'off' (the option is turned off: None in the configuration)."
+    def parse(text: str):
+        if text.lower() in ('off', 'none'): return _OFF
+        try: return kind(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='niff_train', description="Train a (NIFF) CNN. Defaults: the paper's CIFAR-10 recipe.")
     p.add_argument('--recipe', choices=tuple(RECIPES), help="starting configuration of a new run (default paper-cifar; flags override it)")
@@ -891,6 +1053,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--bad-images', choices=BAD_IMAGES, help="unreadable images of an ImageFolder tree: stop (default) or skip")
     p.add_argument('--no-progress', dest='progress', action='store_false', default=None)
     p.add_argument('--cifar-stem', action='store_true', default=None, help='3x3 stem without max-pool for 32x32 inputs')
+    r = p.add_argument_group('recipe options', "the ImageNet recipes' settings ('off' turns an option a recipe sets off)")
+    r.add_argument('--lr-reference-batch', type=_or_off(int), metavar='BATCH', help='the global batch --lr is given for: the run uses lr x batch-size / BATCH')
+    r.add_argument('--schedule', choices=SCHEDULES, help='after the warm-up: cosine (default), step (x --lr-gamma after each --lr-milestones epoch), exponential (x --lr-gamma per epoch)')
+    r.add_argument('--lr-milestones', type=int, nargs='+', metavar='EPOCH', help='epochs after which the step schedule multiplies the learning rate by --lr-gamma')
+    r.add_argument('--lr-gamma', type=float, help='the step factor (default 0.1), or the per-epoch factor of the exponential schedule')
+    r.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=None, help='SGD with Nesterov momentum')
+    r.add_argument('--randaugment', type=_or_off(float), metavar='MAGNITUDE', help="RandAugment, 2 ops per image, at this magnitude on timm's 0-10 scale")
+    r.add_argument('--randaugment-std', type=float, metavar='STD', help='Gaussian noise on the RandAugment magnitude, per op')
+    r.add_argument('--random-erasing', type=float, metavar='P', help='probability of erasing one random box of each training image')
+    r.add_argument('--mixup', type=float, metavar='ALPHA', help='MixUp with this Beta(alpha, alpha) (0: off)')
+    r.add_argument('--cutmix', type=float, metavar='ALPHA', help='CutMix with this Beta(alpha, alpha) (0: off); with --mixup, one of the two per batch')
+    r.add_argument('--stochastic-depth', type=_or_off(float), metavar='RATE', help=f"drop rate of the last residual block, linear in depth ({', '.join(STOCHASTIC_DEPTH_ARCHS)})")
+    r.add_argument('--ema-decay', type=_or_off(float), metavar='DECAY', help='keep, evaluate and checkpoint an EMA of the weights with this decay per step')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint, as it was configured')
     p.add_argument('--overwrite', action='store_true', help='replace the run in --out (kept until the new run has its first checkpoint)')
     return p
@@ -898,7 +1073,7 @@ def _parser() -> argparse.ArgumentParser:
 def given_fields(args: argparse.Namespace) -> dict:
     "The TrainConfig fields set on the command line (flags left out are None and not included)."
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: (None if v is _OFF else v) for k, v in vars(args).items() if k in names and v is not None}
     if getattr(args, 'cifar_stem', None): given['model_kwargs'] = {'stem': 'cifar'}
     return given
 

@@ -94,7 +94,7 @@ def test_damaged_checkpoint_gives_clear_error(tmp_path, damage):
 
 @pytest.mark.parametrize('field,value,match', [
     ('lr', float('nan'), 'lr must be a positive finite number'), ('epochs', 0, 'epochs'), ('batch_size', 2.5, 'batch_size'),
-    ('optimizer', 'rmsprop', "'sgd'"), ('amp', 'fp8', "'bf16'"), ('dataset', 'mnist', "'fashion-mnist'"),
+    ('optimizer', 'adam', "'rmsprop'"), ('amp', 'fp8', "'bf16'"), ('dataset', 'mnist', "'fashion-mnist'"),
     ('label_smoothing', 1.0, 'label_smoothing'), ('weight_decay', float('inf'), 'weight_decay')])
 def test_bad_config_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -244,3 +244,10 @@ def test_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
             fit(recipe('fashion-mnist-quick', out=str(ro / 'run'), device='cpu'))
     finally:
         ro.chmod(0o755)
+
+
+def test_off_switches_an_option_off_and_leaves_amp_modes_alone():
+    from niff_nb.train import _parser, config_from_args
+    cfg = config_from_args(_parser().parse_args(['--recipe', 'convnext-adamw', '--ema-decay', 'off', '--amp', 'off', '--randaugment', 'none']))
+    assert cfg.ema_decay is None and cfg.randaugment is None and cfg.amp == 'off'
+    assert config_from_args(_parser().parse_args(['--recipe', 'convnext-adamw'])).ema_decay == 0.9999
