@@ -406,7 +406,7 @@ def plot_shape(table: dict[str, dict], ax=None, title: str = 'Kernel shape ratio
     if init: ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/06_analysis.ipynb #13455c65
+# %% ../nbs/06_analysis.ipynb #d9cfbf47
 def _hw(size) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(h), int(w)
@@ -447,6 +447,7 @@ def effective_receptive_field(model: nn.Module, inputs: torch.Tensor | None = No
     erf = grad.abs().sum(1).mean(0).double().cpu()
     return (erf / erf.sum().clamp_min(1e-300)).float()
 
+# %% ../nbs/06_analysis.ipynb #0d52d191
 def erf_size(erf: torch.Tensor, mass: float = 0.9) -> int:
     "Smallest odd square window centred on the ERF's centroid that holds `mass` of it."
     if erf.dim() != 2: raise ValueError(f"erf must be (H, W); got shape {tuple(erf.shape)}")
@@ -459,7 +460,7 @@ def erf_size(erf: torch.Tensor, mass: float = 0.9) -> int:
     canvas[h - cy: 2 * h - cy, w - cx: 2 * w - cx] = erf
     return int(effective_kernel_size(canvas, mass))
 
-# %% ../nbs/06_analysis.ipynb #a10bd457
+# %% ../nbs/06_analysis.ipynb #25297757
 PADDING_MODES = ('zeros', 'circular', 'reflect', 'replicate')
 
 def full_window(h: int, w: int) -> tuple[int, int]:
@@ -489,6 +490,7 @@ def _conv_from_kernels(kernels, bias, window, groups, padding_mode) -> nn.Conv2d
         if bias is not None: conv.bias.copy_(bias)
     return conv
 
+# %% ../nbs/06_analysis.ipynb #6f4c826c
 @torch.no_grad()
 def spatial_layer(layer: NIFFBase, feature_size, window=None, padding_mode: str | None = None) -> nn.Module:
     """An ordinary convolution equal to NIFF `layer` on `feature_size` (H, W) inputs, its kernels cropped to `window`

@@ -292,7 +292,7 @@ def speed_targets(*, threads: int | None = 2, repeats: int = 15, spatial_batch: 
     report('resnet18_niff_vs_baseline', b.ratio('niff', 'train'), b.paired_ratio('niff', 'train'))
     return out
 
-# %% ../nbs/07a_bench.ipynb #16c97b42
+# %% ../nbs/07a_bench.ipynb #f644c68d
 WHAT = ('layers', 'models', 'targets')
 
 def _csv(kind, choices=None):
@@ -319,6 +319,7 @@ def _positive(s):
     if v < 1: raise argparse.ArgumentTypeError(f"expected a positive int; got {s!r}")
     return v
 
+# %% ../nbs/07a_bench.ipynb #610b3869
 def niff_bench(argv: Sequence[str] | None = None):
     "Print side-by-side benchmark tables: per depthwise layer (3x3, map-sized spatial, NIFF, raw filter) and per model."
     p = argparse.ArgumentParser(prog='niff_bench', description=niff_bench.__doc__)

@@ -61,7 +61,7 @@ FLOP_FORMULAS = {aten._fft_r2c: _raw(_r2c_flops), aten._fft_c2r: _raw(_c2r_flops
                  **{op: _complex_aware(op) for op in (aten.mm, aten.bmm, aten.addmm, aten.baddbmm)}}
 FFT_OPS = ('_fft_r2c', '_fft_c2r', '_fft_c2c')
 
-# %% ../nbs/07_cost.ipynb #cd300a89
+# %% ../nbs/07_cost.ipynb #23078cdd
 class FlopCount(int):
     "Total FLOPs (an `int`) with `.by_op` {op: FLOPs}, `.by_module` {module path: FLOPs}, and the FFT share."
     by_op: dict; by_module: dict
@@ -93,6 +93,7 @@ def _outputs_sum(out):
         return sum(ts) if ts else None
     return None
 
+# %% ../nbs/07_cost.ipynb #7977eb1b
 def count_flops(model: Callable, inputs, *, backward: bool = False) -> FlopCount:
     "FLOPs of `model(*inputs)` (plus the backward of the sum of its outputs if `backward`), FFTs and complex products included."
     if not callable(model): raise ArgumentError(f"model must be an nn.Module or a callable; got {type(model).__name__}")

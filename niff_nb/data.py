@@ -102,7 +102,7 @@ def read_idx(path) -> torch.Tensor:
     arr = np.frombuffer(buf, dtype=dtype, offset=head).reshape(dims)
     return torch.from_numpy(arr.astype(dtype.newbyteorder('='), copy=True))
 
-# %% ../nbs/04_data.ipynb #78b5c83d
+# %% ../nbs/04_data.ipynb #8ed6cd31
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')   # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -137,6 +137,7 @@ def _root_hint(name: str, root: Path, what: str) -> str:
     return (f"root={str(root)!r} was given, so only that directory is searched (never a system copy): put {what} there, "
             f"or leave root out to use the default places")
 
+# %% ../nbs/04_data.ipynb #37440d54
 def find_fashion_mnist(split: str = 'train', root=None, download: bool = False) -> tuple[Path, Path]:
     "Paths of the (images, labels) IDX files of `split`: only under `root` when it is given; else Debian's directory, then `data_dir()`; then a download if asked."
     split = _check_split(split)
@@ -322,7 +323,7 @@ def eval_transform(name: str = 'fashion-mnist', image_size: int | None = None) -
     else: steps = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
     return v2.Compose([v2.ToImage(), *steps, *_finish(info)])
 
-# %% ../nbs/04_data.ipynb #6f9f259d
+# %% ../nbs/04_data.ipynb #f0436def
 def _rand(shape, high, x, generator):
     dev = generator.device if generator is not None else x.device
     r = torch.randint(high, shape, generator=generator, device=dev) if high else torch.rand(shape, generator=generator, device=dev)
@@ -340,6 +341,7 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip_p: float = 0.5, generat
     xp = F.pad(x, (p,) * 4).flatten(2) if p else x.flatten(2)
     return xp.gather(2, idx.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
+# %% ../nbs/04_data.ipynb #581e7f7a
 class BatchTransform:
     "Vectorised `train_transform`/`eval_transform` for uint8 batches (B, C, H, W) on any device (fashion-mnist, cifar10)."
     def __init__(self, name: str = 'fashion-mnist', train: bool = True, augment: bool = True, image_size: int | None = None,
@@ -439,7 +441,7 @@ def mix_transform(mixup: float = 0.0, cutmix: float = 0.0, num_classes: int | No
          ([v2.CutMix(alpha=float(cutmix), num_classes=num_classes)] if cutmix else [])
     return ts[0] if len(ts) == 1 else v2.RandomChoice(ts)
 
-# %% ../nbs/04_data.ipynb #fa8b9602
+# %% ../nbs/04_data.ipynb #34f87033
 _CIFAR_DIR = 'cifar-10-batches-py'
 _CIFAR_FILES = {'train': tuple(f'data_batch_{i}' for i in range(1, 6)), 'test': ('test_batch',)}
 _CIFAR_HINT = ("get_dataset('cifar10', root=DIR, download=True) where a network exists (torchvision downloads "
@@ -475,6 +477,7 @@ def read_cifar_batch(path) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{path}: labels must lie in [0, 10); got [{int(y.min())}, {int(y.max())}]")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), y
 
+# %% ../nbs/04_data.ipynb #854d9fa3
 def find_cifar10(split: str = 'train', root=None, download: bool = False) -> Path:
     "The directory holding the CIFAR-10 batches of `split`: only `root/cifar-10-batches-py` or `root` when `root` is given, else `data_dir()/...`; or a download."
     split = _check_split(split)
@@ -536,7 +539,7 @@ def fake_cifar10(root, n_train: int = 100, n_test: int = 50, seed: int = 0) -> P
                                                    'num_vis': 3072}, protocol=2))
     return root
 
-# %% ../nbs/04_data.ipynb #904afe50
+# %% ../nbs/04_data.ipynb #a68d954d
 _FOLDER_HINT = ("pass root=DIR with DIR/train/<class>/<image> and DIR/val/<class>/<image> (jpg, png, ...); "
                 "for ImageNet-100, extract the 100 ImageNet-1k classes of the subset into that layout")
 
@@ -570,6 +573,7 @@ BAD_IMAGES = ('stop', 'skip')
 class BadImageError(ValueError):
     "An image of a dataset cannot be read; the message names the file."
 
+# %% ../nbs/04_data.ipynb #74f0f17f
 class FolderDataset(ImageFolder):
     """A torchvision `ImageFolder` whose class list is given (the training split's) instead of read from its own directory;
     an unreadable image is named and, with `bad_images='skip'`, replaced by the next readable one."""
@@ -652,7 +656,7 @@ def get_dataset(name: str = 'fashion-mnist', split: str = 'train', root=None, tr
     x, y = (load_fashion_mnist if name == 'fashion-mnist' else load_cifar10)(split, root, download)
     return TensorImageDataset(x, y, dataset_info(name).classes, transform, f'{name}/{split}')
 
-# %% ../nbs/04_data.ipynb #3bfe3524
+# %% ../nbs/04_data.ipynb #d2f16d8f
 class SeededRandomSampler(Sampler):
     "A fresh permutation each epoch, seeded with `seed + epoch`; the epoch advances by itself after each pass, or via `set_epoch`."
     def __init__(self, n: int, seed: int = 0):
@@ -703,13 +707,14 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
     dl.seed, dl.rank, dl.batch_transform = seed, rank, batch_transform
     return dl
 
+# %% ../nbs/04_data.ipynb #f7e8f714
 def set_epoch(loader: DataLoader, epoch: int):
     "Tell `loader` which epoch starts: its sampler (DistributedSampler needs this every epoch) and its worker seeds."
     if hasattr(getattr(loader, 'sampler', None), 'set_epoch'): loader.sampler.set_epoch(epoch)
     if getattr(loader, 'generator', None) is not None and hasattr(loader, 'seed'):
         loader.generator.manual_seed(seed_for(loader.seed, epoch, loader.rank))
 
-# %% ../nbs/04_data.ipynb #1c054540
+# %% ../nbs/04_data.ipynb #8f8800af
 def subset_dataset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
     "`n` samples of `dataset` drawn without replacement with `seed` (in their original order); all of it if `n` is None or >= len."
     if n is None: return dataset
@@ -734,6 +739,7 @@ def check_dataset(name: str = 'fashion-mnist', root=None) -> None:
         elif name == 'cifar10': find_cifar10(split, root)
         else: _split_dir(name, _folder_root(name, root), split)
 
+# %% ../nbs/04_data.ipynb #b625bd35
 def get_dataloaders(name: str = 'fashion-mnist', root=None, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
                     subset: int | tuple[int, int] | None = None, *, image_size: int | None = None, augment: bool = True,
                     transform='default', download: bool = False, distributed: bool | None = None,

@@ -284,12 +284,13 @@ class FilterCache:
         if len(self.entries) > self.size: self.entries.popitem(last=False)
         return value
 
-# %% ../nbs/02_layers.ipynb #f57885c9
+# %% ../nbs/02_layers.ipynb #e01c4559
 def _cacheable(module: nn.Module, params: list) -> bool:
     "Whether a filter may come from the cache: eval mode, no gradient wanted, plain eager execution."
     wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     return bool(params) and not module.training and not wants_grad and not _tracing_or_compiling()
 
+# %% ../nbs/02_layers.ipynb #3f2d17e9
 class NIFFBase(nn.Module):
     "The frame of a NIFF layer: input checks, the FFT precision island, the eval filter cache, the kernel it applies."
     fused = True          # circular depthwise products run through `fft_filter`; False = plain autograd

@@ -21,9 +21,9 @@ from .zoo import register_variant
 from .cost import count_flops
 
 # %% auto #0
-__all__ = ['OCTAVE_ALPHAS', 'OCTAVE_NOTE', 'PEER_VARIANTS', 'PEER_DEFAULTS', 'split_channels', 'octave_pool', 'octave_upsample',
-           'low_size', 'OctaveConv', 'OctaveConv2d', 'octave_cost', 'octave_cost_table', 'show_octave_cost_table',
-           'FourierUnit', 'SpectralTransform', 'FFC', 'FFC2d', 'GlobalFilterConv', 'peerify']
+__all__ = ['OCTAVE_ALPHAS', 'OCTAVE_TABLE1', 'OCTAVE_NOTE', 'PEER_VARIANTS', 'PEER_DEFAULTS', 'split_channels', 'octave_pool',
+           'octave_upsample', 'low_size', 'OctaveConv', 'OctaveConv2d', 'octave_cost', 'octave_cost_table',
+           'show_octave_cost_table', 'FourierUnit', 'SpectralTransform', 'FFC', 'FFC2d', 'GlobalFilterConv', 'peerify']
 
 # %% ../nbs/08_peers.ipynb #5f1c1adf
 def split_channels(channels: int, ratio: float) -> tuple[int, int]:
@@ -41,7 +41,19 @@ def _same_pad(k, d):
     if any(x % 2 == 0 for x in k): raise ArgumentError(f"kernel_size must be odd (a size-preserving conv); got {k}")
     return tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
 
-# %% ../nbs/08_peers.ipynb #4e3166d3
+def _two_groups(module, in_channels, out_channels, kernel_size, ratios, names, dilation, padding_mode) -> tuple:
+    """The set-up both two-group peers share: the checks; `module`'s sizes and its ratios under `names` (e.g. 'alpha_in',
+    'alpha_out'; the output ratio defaults to the input's); ((in first, in second), (out first, out second), conv args)."""
+    check_int('in_channels', in_channels); check_int('out_channels', out_channels)
+    r_in = check_float(names[0], ratios[0], 0, 1)
+    r_out = r_in if ratios[1] is None else check_float(names[1], ratios[1], 0, 1)
+    module.in_channels, module.out_channels = in_channels, out_channels
+    setattr(module, names[0], r_in); setattr(module, names[1], r_out)
+    module.kernel_size = as_pair(kernel_size)
+    args = (kernel_size, _same_pad(kernel_size, dilation), dilation, padding_mode)
+    return split_channels(in_channels, r_in), split_channels(out_channels, r_out), args
+
+# %% ../nbs/08_peers.ipynb #76fc20b5
 def octave_pool(x: torch.Tensor) -> torch.Tensor:
     "2x2 average pooling to the low-frequency resolution ceil(H/2) x ceil(W/2) (a partial last window averages what it covers)."
     return F.avg_pool2d(x, 2, 2, ceil_mode=True)
@@ -54,20 +66,14 @@ def low_size(size) -> tuple[int, int]:
     "Spatial size of the low-frequency group for a high-frequency map of `size`."
     return tuple((n + 1) // 2 for n in as_pair(size))
 
+# %% ../nbs/08_peers.ipynb #9eff8a62
 class OctaveConv(nn.Module):
     "Octave convolution on a (high, low) pair: four paths H→H, L→L, H→L (pool, conv) and L→H (conv, upsample)."
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, alpha_in: float = 0.5,
                  alpha_out: float | None = None, dilation=1, bias: bool = False, padding_mode: str = 'zeros'):
         super().__init__()
-        check_int('in_channels', in_channels); check_int('out_channels', out_channels)
-        alpha_in = check_float('alpha_in', alpha_in, 0, 1)
-        alpha_out = alpha_in if alpha_out is None else check_float('alpha_out', alpha_out, 0, 1)
-        self.in_channels, self.out_channels, self.alpha_in, self.alpha_out = in_channels, out_channels, alpha_in, alpha_out
-        self.kernel_size = as_pair(kernel_size)
-        p = _same_pad(kernel_size, dilation)
-        self.in_h, self.in_l = split_channels(in_channels, alpha_in)
-        self.out_h, self.out_l = split_channels(out_channels, alpha_out)
-        args = (kernel_size, p, dilation, padding_mode)
+        (self.in_h, self.in_l), (self.out_h, self.out_l), args = _two_groups(
+            self, in_channels, out_channels, kernel_size, (alpha_in, alpha_out), ('alpha_in', 'alpha_out'), dilation, padding_mode)
         self.h2h, self.l2l = _conv(self.in_h, self.out_h, *args), _conv(self.in_l, self.out_l, *args)
         self.h2l, self.l2h = _conv(self.in_h, self.out_l, *args), _conv(self.in_l, self.out_h, *args)
         self.bias_h = nn.Parameter(torch.zeros(self.out_h)) if bias and self.out_h else None
@@ -103,6 +109,7 @@ class OctaveConv(nn.Module):
         return (f"{self.in_channels}→{self.out_channels}, kernel_size={self.kernel_size}, alpha_in={self.alpha_in}, "
                 f"alpha_out={self.alpha_out} (high {self.in_h}→{self.out_h}, low {self.in_l}→{self.out_l})")
 
+# %% ../nbs/08_peers.ipynb #b20a8d67
 class OctaveConv2d(nn.Module):
     """Drop-in octave convolution with a single-tensor interface: the last round(alpha·C) channels are the low-frequency
     group (pooled to half resolution on the way in, upsampled on the way out), the rest the high-frequency group."""
@@ -132,8 +139,9 @@ class OctaveConv2d(nn.Module):
 
 # %% ../nbs/08_peers.ipynb #d4df4cc1
 OCTAVE_ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
-# The note's table (the OctaveConv paper's Table 1): alpha -> (FLOPs %, memory %) relative to a plain convolution.
-OCTAVE_NOTE = {0.0: (100, 100), 0.125: (82, 91), 0.25: (67, 81), 0.5: (44, 63), 0.75: (30, 44), 0.875: (26, 35), 1.0: (25, 25)}
+# The OctaveConv paper's Table 1: alpha -> (FLOPs %, memory %) relative to a plain convolution.
+OCTAVE_TABLE1 = {0.0: (100, 100), 0.125: (82, 91), 0.25: (67, 81), 0.5: (44, 63), 0.75: (30, 44), 0.875: (26, 35), 1.0: (25, 25)}
+OCTAVE_NOTE = OCTAVE_TABLE1      # its earlier name
 
 def octave_cost(alpha: float, channels: int = 64, size=32, kernel_size=3) -> dict:
     """FLOPs (`count_flops`, one forward) and output activation size (elements) of one `OctaveConv` with
@@ -150,24 +158,24 @@ def octave_cost(alpha: float, channels: int = 64, size=32, kernel_size=3) -> dic
     return dict(alpha=alpha, flops=int(flops), memory=memory)
 
 def octave_cost_table(alphas=OCTAVE_ALPHAS, channels: int = 64, size=32, kernel_size=3) -> list[dict]:
-    "`octave_cost` for each alpha, in percent of alpha = 0 (a plain convolution), beside the note's figures where it has them."
+    "`octave_cost` for each alpha, in percent of alpha = 0 (a plain convolution), beside the paper's Table 1 where it has them."
     base = octave_cost(0.0, channels, size, kernel_size)
     rows = []
     for a in alphas:
         c = octave_cost(a, channels, size, kernel_size)
-        note = OCTAVE_NOTE.get(c['alpha'], (None, None))
+        paper = OCTAVE_TABLE1.get(c['alpha'], (None, None))
         rows.append(dict(alpha=c['alpha'], flops_pct=100 * c['flops'] / base['flops'], memory_pct=100 * c['memory'] / base['memory'],
-                         note_flops_pct=note[0], note_memory_pct=note[1]))
+                         paper_flops_pct=paper[0], paper_memory_pct=paper[1]))
     return rows
 
 def show_octave_cost_table(rows: list[dict]):
-    "Print `octave_cost_table` rows: ours beside the note's."
-    print(f"{'alpha':>6s} {'FLOPs %':>8s} {'note':>5s} {'memory %':>9s} {'note':>5s}")
+    "Print `octave_cost_table` rows: ours beside the paper's Table 1."
+    print(f"{'alpha':>6s} {'FLOPs %':>8s} {'paper':>6s} {'memory %':>9s} {'paper':>6s}")
     for r in rows:
-        nf, nm = (f"{v:5d}" if v is not None else '    -' for v in (r['note_flops_pct'], r['note_memory_pct']))
+        nf, nm = (f"{v:6d}" if v is not None else '     -' for v in (r['paper_flops_pct'], r['paper_memory_pct']))
         print(f"{r['alpha']:6.3f} {r['flops_pct']:8.1f} {nf} {r['memory_pct']:9.1f} {nm}")
 
-# %% ../nbs/08_peers.ipynb #ae890f44
+# %% ../nbs/08_peers.ipynb #ac2e9c4e
 class FourierUnit(nn.Module):
     "FFC's global path: real FFT, 1x1 conv + BN + ReLU on the stacked real and imaginary parts, inverse real FFT."
     def __init__(self, in_channels: int, out_channels: int):
@@ -201,21 +209,15 @@ class SpectralTransform(nn.Module):
         x = self.reduce(x)
         return self.expand(x + self.fu(x))
 
+# %% ../nbs/08_peers.ipynb #c608bb76
 class FFC(nn.Module):
     """Fast Fourier Convolution on a (local, global) pair: out_l = l2l(x_l) + g2l(x_g) and out_g = l2g(x_l) + g2g(x_g),
     where l2l, l2g, g2l are spatial convolutions and g2g is the spectral transform."""
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, ratio_in: float = 0.5,
                  ratio_out: float | None = None, dilation=1, bias: bool = False, padding_mode: str = 'zeros'):
         super().__init__()
-        check_int('in_channels', in_channels); check_int('out_channels', out_channels)
-        ratio_in = check_float('ratio_in', ratio_in, 0, 1)
-        ratio_out = ratio_in if ratio_out is None else check_float('ratio_out', ratio_out, 0, 1)
-        self.in_channels, self.out_channels, self.ratio_in, self.ratio_out = in_channels, out_channels, ratio_in, ratio_out
-        self.kernel_size = as_pair(kernel_size)
-        p = _same_pad(kernel_size, dilation)
-        self.in_l, self.in_g = split_channels(in_channels, ratio_in)
-        self.out_l, self.out_g = split_channels(out_channels, ratio_out)
-        args = (kernel_size, p, dilation, padding_mode)
+        (self.in_l, self.in_g), (self.out_l, self.out_g), args = _two_groups(
+            self, in_channels, out_channels, kernel_size, (ratio_in, ratio_out), ('ratio_in', 'ratio_out'), dilation, padding_mode)
         self.l2l, self.l2g, self.g2l = (_conv(self.in_l, self.out_l, *args), _conv(self.in_l, self.out_g, *args),
                                         _conv(self.in_g, self.out_l, *args))
         self.g2g = SpectralTransform(self.in_g, self.out_g) if self.in_g and self.out_g else None
@@ -262,7 +264,7 @@ class GlobalFilterConv(nn.Sequential):
         super().__init__(OrderedDict(filter=GlobalFilter(in_channels, size, init),
                                      pointwise=nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)))
 
-# %% ../nbs/08_peers.ipynb #f2702bd5
+# %% ../nbs/08_peers.ipynb #8eec9736
 PEER_VARIANTS = ('octave', 'ffc', 'gfnet')
 PEER_DEFAULTS = {'octave': dict(alpha=0.5), 'ffc': dict(ratio=0.5), 'gfnet': dict(init='identity')}
 
@@ -283,6 +285,7 @@ def _build_peer(variant: str, conv: nn.Conv2d, size, kw: dict):
     new = GlobalFilterConv(cin, cout, size, conv.groups, bias, kw['init'])
     return new, f"GlobalFilter {cin} at {hw} + 1x1 {cin}→{cout}" + (f" g{conv.groups}" if conv.groups > 1 else '')
 
+# %% ../nbs/08_peers.ipynb #3602897f
 def peerify(model: nn.Module, variant: str, *, stem: bool = False, input_size=224, copy: bool = False,
             verbose: bool = False, **kw) -> nn.Module:
     """Replace the stride-1, size-preserving spatial convolutions of `model` (the ones `niffify` converts) by a peer:

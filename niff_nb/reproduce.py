@@ -174,10 +174,12 @@ def report_rows(table: str, out, **settings) -> list[dict]:
                          run_epochs=run_cfg.epochs, subset=run_cfg.subset, test_subset=run_cfg.test_subset))
     return rows
 
-# %% ../nbs/11_reproduce.ipynb #d0f7db70
+# %% ../nbs/11_reproduce.ipynb #7fe24c40
 def _num(v, fmt='{:.2f}') -> str: return '—' if v is None else fmt.format(v)
+
 def _diff(a, b, fmt='{:+.2f}') -> str: return '—' if a is None or b is None else ('=' if a == b else fmt.format(a - b))
 
+# %% ../nbs/11_reproduce.ipynb #58e2b44a
 def format_report(table: str, rows: list[dict], analysis: dict | None = None, settings: dict | None = None) -> str:
     "The markdown report: the side-by-side table of `rows`, notes on recipes and known differences, and the kernel-mass section."
     spec, top5 = PAPER_TABLES[table], table != 'A2'

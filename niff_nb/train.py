@@ -57,12 +57,13 @@ __all__ = ['OPTIMIZERS', 'AMP_MODES', 'SCHEDULES', 'STOCHASTIC_DEPTH_ARCHS', 'RE
            'TrainingInterrupted', 'fit', 'model_from_checkpoint', 'given_fields', 'config_from_args',
            'resume_from_args', 'niff_train']
 
-# %% ../nbs/05_train.ipynb #3d238cf5
+# %% ../nbs/05_train.ipynb #d59537c7
 OPTIMIZERS = ('sgd', 'adamw', 'rmsprop')
 AMP_MODES = ('auto', 'off', 'bf16', 'fp16')
 SCHEDULES = ('cosine', 'step', 'exponential')
 STOCHASTIC_DEPTH_ARCHS = ('convnext_tiny', 'resnet18', 'resnet50', 'resnet101')   # architectures with droppable residual branches
 
+# %% ../nbs/05_train.ipynb #1d3731ec
 @dataclass
 class TrainConfig:
     "Everything needed to reproduce a run; stored in every checkpoint."
@@ -109,52 +110,60 @@ class TrainConfig:
         if isinstance(self.lr_milestones, list): self.lr_milestones = tuple(self.lr_milestones)   # JSON stores tuples as lists
 
     def validate(self) -> 'TrainConfig':
-        "Raise an `ArgumentError` (a ValueError) naming the first bad field and what it accepts."
-        for name in ('epochs', 'batch_size'): _positive(self, name, integer=True)
-        _positive(self, 'lr')
-        for name in ('momentum', 'weight_decay', 'warmup_epochs', 'num_workers', 'seed'): _non_negative(self, name)
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 1:
-            raise ArgumentError(f"label_smoothing must be in [0, 1); got {ls!r}")
-        for name, choices in (('optimizer', OPTIMIZERS), ('amp', AMP_MODES), ('dataset', DATASETS), ('bad_images', BAD_IMAGES),
-                              ('arch', ARCHS + EXTRA_ARCHS), ('variant', all_variants())):
-            check_choice(name, getattr(self, name), choices)
-        for name in ('tensorboard', 'progress'): check_choice(name, getattr(self, name), (True, False))
-        if self.compile not in (True, False) and not (isinstance(self.compile, str) and self.compile):
-            raise ArgumentError(f"compile must be True, False or the name of a torch.compile backend; got {self.compile!r}")
-        check_choice('channels_last', self.channels_last, (None, True, False))
-        for name in ('device', 'out'):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ArgumentError(f"{name} must be a non-empty string; got {getattr(self, name)!r}")
-        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
-            raise ArgumentError(f"data must be a directory path or None; got {self.data!r}")
-        if not isinstance(self.model_kwargs, dict): raise ArgumentError(f"model_kwargs must be a dict; got {self.model_kwargs!r}")
-        for name in ('subset', 'test_subset'):
-            if getattr(self, name) is not None: _positive(self, name, integer=True)
-        return self._validate_recipe_options()
-
-    def _validate_recipe_options(self) -> 'TrainConfig':
-        if self.lr_reference_batch is not None: _positive(self, 'lr_reference_batch', integer=True)
-        check_choice('schedule', self.schedule, SCHEDULES)
-        ms = self.lr_milestones
-        if not isinstance(ms, tuple) or not all(is_int(m) and m >= 1 for m in ms) or list(ms) != sorted(set(ms)):
-            raise ArgumentError(f"lr_milestones must be increasing epochs >= 1, e.g. (30, 60); got {ms!r}")
-        if self.schedule == 'step' and not ms: raise ArgumentError("schedule='step' needs lr_milestones, e.g. (30, 60)")
-        check_float('lr_gamma', self.lr_gamma, 0, 1, low_open=True)
-        check_choice('nesterov', self.nesterov, (True, False))
-        if self.nesterov and (self.optimizer != 'sgd' or not self.momentum > 0):
-            raise ArgumentError(f"nesterov=True needs optimizer='sgd' and momentum > 0; got optimizer={self.optimizer!r}, momentum={self.momentum!r}")
-        if self.randaugment is not None: check_float('randaugment', self.randaugment, 0, RAND_AUGMENT_MAX)
-        check_float('randaugment_std', self.randaugment_std, 0); check_float('random_erasing', self.random_erasing, 0, 1)
-        check_float('mixup', self.mixup, 0); check_float('cutmix', self.cutmix, 0)
-        if self.stochastic_depth is not None:
-            check_float('stochastic_depth', self.stochastic_depth, 0, 1, high_open=True)
-            if self.stochastic_depth > 0 and self.arch not in STOCHASTIC_DEPTH_ARCHS:
-                raise ArgumentError(f"stochastic_depth applies to the residual blocks of {', '.join(STOCHASTIC_DEPTH_ARCHS)}; "
-                                    f"arch={self.arch!r} has none it can drop: pass stochastic_depth=None (or 0)")
-        if self.ema_decay is not None: check_float('ema_decay', self.ema_decay, 0, 1, low_open=True, high_open=True)
+        "Raise an `ArgumentError` (a ValueError) naming the first bad field and what it accepts; returns the config."
+        _check_run_fields(self); _check_recipe_options(self)
         return self
 
+# %% ../nbs/05_train.ipynb #5621a1f4
+def _check_run_fields(cfg: TrainConfig):
+    "The checks of the fields every run has (`TrainConfig.validate`)."
+    for name in ('epochs', 'batch_size'): _positive(cfg, name, integer=True)
+    _positive(cfg, 'lr')
+    for name in ('momentum', 'weight_decay', 'warmup_epochs', 'num_workers', 'seed'): _non_negative(cfg, name)
+    ls = cfg.label_smoothing
+    if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 1:
+        raise ArgumentError(f"label_smoothing must be in [0, 1); got {ls!r}")
+    for name, choices in (('optimizer', OPTIMIZERS), ('amp', AMP_MODES), ('dataset', DATASETS), ('bad_images', BAD_IMAGES),
+                          ('arch', ARCHS + EXTRA_ARCHS), ('variant', all_variants())):
+        check_choice(name, getattr(cfg, name), choices)
+    for name in ('tensorboard', 'progress'): check_choice(name, getattr(cfg, name), (True, False))
+    if cfg.compile not in (True, False) and not (isinstance(cfg.compile, str) and cfg.compile):
+        raise ArgumentError(f"compile must be True, False or the name of a torch.compile backend; got {cfg.compile!r}")
+    check_choice('channels_last', cfg.channels_last, (None, True, False))
+    for name in ('device', 'out'):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise ArgumentError(f"{name} must be a non-empty string; got {getattr(cfg, name)!r}")
+    if cfg.data is not None and not isinstance(cfg.data, (str, os.PathLike)):
+        raise ArgumentError(f"data must be a directory path or None; got {cfg.data!r}")
+    if not isinstance(cfg.model_kwargs, dict): raise ArgumentError(f"model_kwargs must be a dict; got {cfg.model_kwargs!r}")
+    for name in ('subset', 'test_subset'):
+        if getattr(cfg, name) is not None: _positive(cfg, name, integer=True)
+
+# %% ../nbs/05_train.ipynb #933f179d
+def _check_recipe_options(cfg: TrainConfig):
+    "The checks of the ImageNet recipes' options (`TrainConfig.validate`)."
+    if cfg.lr_reference_batch is not None: _positive(cfg, 'lr_reference_batch', integer=True)
+    check_choice('schedule', cfg.schedule, SCHEDULES)
+    ms = cfg.lr_milestones
+    if not isinstance(ms, tuple) or not all(is_int(m) and m >= 1 for m in ms) or list(ms) != sorted(set(ms)):
+        raise ArgumentError(f"lr_milestones must be increasing epochs >= 1, e.g. (30, 60); got {ms!r}")
+    if cfg.schedule == 'step' and not ms: raise ArgumentError("schedule='step' needs lr_milestones, e.g. (30, 60)")
+    check_float('lr_gamma', cfg.lr_gamma, 0, 1, low_open=True)
+    check_choice('nesterov', cfg.nesterov, (True, False))
+    if cfg.nesterov and (cfg.optimizer != 'sgd' or not cfg.momentum > 0):
+        raise ArgumentError(f"nesterov=True needs optimizer='sgd' and momentum > 0; got optimizer={cfg.optimizer!r}, momentum={cfg.momentum!r}")
+    if cfg.randaugment is not None: check_float('randaugment', cfg.randaugment, 0, RAND_AUGMENT_MAX)
+    check_float('randaugment_std', cfg.randaugment_std, 0); check_float('random_erasing', cfg.random_erasing, 0, 1)
+    check_float('mixup', cfg.mixup, 0); check_float('cutmix', cfg.cutmix, 0)
+    if cfg.stochastic_depth is not None:
+        check_float('stochastic_depth', cfg.stochastic_depth, 0, 1, high_open=True)
+        if cfg.stochastic_depth > 0 and cfg.arch not in STOCHASTIC_DEPTH_ARCHS:
+            raise ArgumentError(f"stochastic_depth applies to the residual blocks of {', '.join(STOCHASTIC_DEPTH_ARCHS)}; "
+                                f"arch={cfg.arch!r} has none it can drop: pass stochastic_depth=None (or 0)")
+    if cfg.ema_decay is not None: check_float('ema_decay', cfg.ema_decay, 0, 1, low_open=True, high_open=True)
+    return cfg
+
+# %% ../nbs/05_train.ipynb #3b4eb2eb
 def _positive(cfg, name, integer=False):
     v = getattr(cfg, name)
     ok = is_int(v) if integer else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -527,7 +536,7 @@ def checkpoint_config(state: dict, path) -> TrainConfig:
     try: return config_from_dict(state['config'], f"checkpoint {path}")
     except ArgumentError as e: raise CheckpointError(str(e)) from None
 
-# %% ../nbs/05_train.ipynb #186c9b25
+# %% ../nbs/05_train.ipynb #ca8fd8ab
 def seed_everything(seed: int):
     "Seed Python and PyTorch (all devices)."
     random.seed(seed)
@@ -576,6 +585,7 @@ def epoch_schedule(optimizer, steps_per_epoch: int, warmup_steps: int = 0, miles
         return warm * gamma ** (sum(epoch >= m for m in milestones) if kind == 'step' else epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+# %% ../nbs/05_train.ipynb #8a64f647
 def lr_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     "The learning-rate schedule `cfg` asks for (`schedule`, `warmup_epochs`, `lr_milestones`, `lr_gamma`), stepped once per batch."
     warm = round(cfg.warmup_epochs * steps_per_epoch)
@@ -891,7 +901,7 @@ class RunLog:
     def close(self):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/05_train.ipynb #27371782
+# %% ../nbs/05_train.ipynb #eede1661
 RESUME_CHANGES = ('epochs', 'amp', 'channels_last', 'compile', 'device', 'num_workers', 'progress', 'tensorboard', 'data', 'out',
                   'bad_images')
 
@@ -923,6 +933,7 @@ def _summary(cfg, history, n_params, rank, checkpoint, finished=False) -> dict:
             'epoch_seconds': sum(m['epoch_seconds'] for m in history) / len(history) if history else None,
             'epochs': len(history), 'checkpoint': str(checkpoint), 'metrics': history, 'rank': rank, 'finished': finished}
 
+# %% ../nbs/05_train.ipynb #61394b3f
 def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train and evaluate the model `cfg` describes in its run folder `cfg.out`; returns a summary (final metrics, params,
     mean epoch seconds). Every check runs before anything is written; `RunDir` has the rules for new, resumed and replaced runs."""
@@ -945,7 +956,7 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     train_dl, test_dl = build_loaders(cfg, rt)                      # and the dataset
     return _run(cfg, rt, folder, mode, state, history, train_dl, test_dl)
 
-# %% ../nbs/05_train.ipynb #0a09a196
+# %% ../nbs/05_train.ipynb #f5db7f26
 def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
     "The epochs of `fit`: model, optimiser and schedule (restored from `state` when resuming); process 0 writes, through a `RunLog`."
     main, show = rt.dist.is_main, cfg.progress and rt.dist.is_main
@@ -999,6 +1010,7 @@ def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
         if main: log.close(); folder.close()
     return _summary(cfg, log.history, n_params, rt.dist.rank, folder.out / 'last.pt')
 
+# %% ../nbs/05_train.ipynb #4de5dff8
 def model_from_checkpoint(path, map_location='cpu', weights: str = 'auto') -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes and load its weights; returns (model in eval mode, checkpoint).
     `weights`: 'auto' (the evaluated ones: the EMA when the run kept one, else the raw weights), 'ema' or 'raw'."""
@@ -1009,7 +1021,7 @@ def model_from_checkpoint(path, map_location='cpu', weights: str = 'auto') -> tu
     model = load_model_state(build_model(checkpoint_config(ckpt, path)), ema_weights(ckpt) if use_ema else ckpt['model'], path)
     return model.eval(), ckpt
 
-# %% ../nbs/05_train.ipynb #c4a46bca
+# %% ../nbs/05_train.ipynb #f86a6185
 class _Off:
     "What `--ema-decay off` and the like parse to: the option set to None in the configuration (never a mode named 'off')."
     def __repr__(self): return "'off'"
@@ -1024,6 +1036,7 @@ def _or_off(kind):
     parse.__name__ = kind.__name__
     return parse
 
+# %% ../nbs/05_train.ipynb #5a3d36e7
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='niff_train', description="Train a (NIFF) CNN. Defaults: the paper's CIFAR-10 recipe.")
     p.add_argument('--recipe', choices=tuple(RECIPES), help="starting configuration of a new run (default paper-cifar; flags override it)")
@@ -1070,6 +1083,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace the run in --out (kept until the new run has its first checkpoint)')
     return p
 
+# %% ../nbs/05_train.ipynb #73d11f29
 def given_fields(args: argparse.Namespace) -> dict:
     "The TrainConfig fields set on the command line (flags left out are None and not included)."
     names = {f.name for f in dataclasses.fields(TrainConfig)}

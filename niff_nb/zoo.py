@@ -124,7 +124,7 @@ def _drop_pointwise_bias(model: nn.Module) -> list[dict]:
             for c in ('fc1', 'fc2'): swap(m, c, f"{name}.{c}")
     return rows
 
-# %% ../nbs/03a_zoo.ipynb #f2a8fbd8
+# %% ../nbs/03a_zoo.ipynb #67c1d610
 def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str = 'imagenet', in_channels: int = 3,
                  mlp=None, pointwise_bias: bool | None = None, keep_1x1: bool | None = None,
                  convert_stem: bool | None = None, input_size=None, coords: str = 'index',

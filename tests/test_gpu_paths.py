@@ -21,16 +21,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GP
 DEVICES = ['cpu', pytest.param('cuda', marks=cuda)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def fake(tmp_path_factory):
-    return data.fake_fashion_mnist(tmp_path_factory.mktemp('data') / 'fm', n_train=96, n_test=48)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def tiny(fake, out, **kw):

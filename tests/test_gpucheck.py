@@ -10,11 +10,7 @@ import torch
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def test_gpu_check_dry_run_end_to_end(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from fastcore.test import test_close as close_
 from fastcore.test import test_eq as eq_
 
 from niff_nb.convert import PLUGIN_VARIANTS, VARIANTS, all_variants, create_model, n_params, variant_settings
-from niff_nb.peers import (FFC, FFC2d, OCTAVE_ALPHAS, OCTAVE_NOTE, PEER_VARIANTS, FourierUnit, GlobalFilter,
+from niff_nb.peers import (FFC, FFC2d, OCTAVE_ALPHAS, OCTAVE_TABLE1, PEER_VARIANTS, FourierUnit, GlobalFilter,
                            GlobalFilterConv, OctaveConv, OctaveConv2d, interpolate_filter, low_size, octave_cost_table,
                            octave_pool, octave_upsample, peerify)
 
@@ -252,7 +252,7 @@ def test_octave_cost_table_reproduces_the_note():
     rows = octave_cost_table()
     eq_([r['alpha'] for r in rows], list(OCTAVE_ALPHAS))
     for r in rows:
-        flops, memory = OCTAVE_NOTE[r['alpha']]
+        flops, memory = OCTAVE_TABLE1[r['alpha']]
         assert abs(r['flops_pct'] - flops) <= 1 and abs(r['memory_pct'] - memory) <= 1, r
 
 

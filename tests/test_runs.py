@@ -28,17 +28,7 @@ from niff_nb.train import CheckpointError, fit, load_checkpoint, model_from_chec
 # names this suite introduced are used as T.<name>, so that each test fails on its own where one is missing
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Two shared cores: one thread per test process is faster than two fighting ones."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def fake(tmp_path_factory):
-    return data.fake_fashion_mnist(tmp_path_factory.mktemp('data') / 'fm', n_train=96, n_test=48)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def tiny(fake, out, **kw):
