@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import argparse
 import copy
+import importlib
 import json
 import random
 import sys
@@ -18,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .core import ArgumentError, check_choice, check_int, check_tensor
+from .core import ArgumentError, check_choice, check_int, check_pair, check_tensor, input_sizes
+from .padding import embed_kernel
 from .convert import _set_submodule
 from .fourier import batched_fft
 from .layers import NIFFBase, NIFFConv2d, NIFFDepthwise
 from .train import (CheckpointError, TrainConfig, build_model, evaluate, load_checkpoint, model_from_checkpoint,
-                           seed_everything)
+                           resolve_device, seed_everything)
 
 # %% auto #0
 __all__ = ['KMR_CONVENTIONS', 'PADDING_MODES', 'niff_layers', 'feature_map_sizes_of_niff_layers', 'layer_kernels',
@@ -32,9 +34,7 @@ __all__ = ['KMR_CONVENTIONS', 'PADDING_MODES', 'niff_layers', 'feature_map_sizes
            'eigen_kernels', 'centre_crop', 'plot_eigen_kernels', 'plot_kernels', 'kernel_spectrum', 'layer_filters',
            'frequency_weights', 'eigen_filters', 'plot_eigen_filters', 'fit_gaussian', 'shape_table', 'plot_shape',
            'effective_receptive_field', 'erf_size', 'full_window', 'odd_window', 'spatial_layer', 'to_spatial',
-           'check_finite_kernels', 'analyse_model', 'plot_erf', 'plot_crop_sweep', 'save_analysis_figures',
-           'checkpoint_test_data', 'materialise_batches', 'forward_seconds', 'initial_model', 'crop_report',
-           'crop_windows', 'crop_sweep', 'smallest_crop', 'analyse_checkpoint', 'format_analysis', 'niff_analyze']
+           'check_finite_kernels', 'analyse_model', 'plot_erf']
 
 # %% ../nbs/06_analysis.ipynb #a8596c97
 def niff_layers(model: nn.Module) -> dict[str, NIFFBase]:
@@ -45,25 +45,17 @@ def niff_layers(model: nn.Module) -> dict[str, NIFFBase]:
             found[name] = m
     return found
 
+def _first_in_channels(model: nn.Module) -> int:
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, NIFFBase))), None)
+    if first is None: raise ValueError("cannot infer in_channels: the model has no Conv2d/NIFF layer; pass in_channels")
+    return first.in_channels
+
 def feature_map_sizes_of_niff_layers(model: nn.Module, input_size, in_channels: int | None = None) -> dict[str, tuple[int, int]]:
-    "Spatial size (H, W) of the input each NIFF layer sees when `model` runs on an image of `input_size`."
-    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    """Spatial size (H, W) of the input each NIFF layer sees when `model` runs on an image of `input_size` (`core.input_sizes`);
+    `in_channels` defaults to the model's first convolution's."""
     layers = niff_layers(model)
     if not layers: raise ValueError("model contains no NIFF layers (NIFFDepthwise / NIFFConv2d); convert it with niffify first")
-    if in_channels is None:
-        first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, NIFFBase))), None)
-        in_channels = first.in_channels
-    sizes, hooks = {}, []
-    for name, m in layers.items():
-        hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name: sizes.__setitem__(name, tuple(inp[0].shape[-2:]))))
-    p = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(): model(torch.zeros(1, in_channels, h, w, device=p.device, dtype=p.dtype))
-    finally:
-        for hk in hooks: hk.remove()
-        model.train(was_training)
+    sizes = input_sizes(model, input_size, (NIFFDepthwise, NIFFConv2d), _first_in_channels(model) if in_channels is None else in_channels)
     return {name: sizes[name] for name in layers if name in sizes}
 
 def layer_kernels(layer: NIFFBase, h: int, w: int) -> torch.Tensor:
@@ -283,7 +275,7 @@ def plot_kernels(kernels, layer: str | None = None, n: int = 32, ncols: int = 8,
     h, w = kernels.shape[-2:]
     crop = f', centre {shown.shape[-2]}x{shown.shape[-1]}' if zoom is not None and tuple(shown.shape[-2:]) != (h, w) else ''
     fig.suptitle(f"{layer + ': ' if layer else ''}{len(k)} of {len(kernels)} kernels ({h}x{w}{crop})", fontsize=9)
-    fig.tight_layout()
+    if hasattr(fig, 'tight_layout'): fig.tight_layout()          # a subfigure (fig.subfigures) lays out with its parent
     return fig
 
 # %% ../nbs/06_analysis.ipynb #c3a8b3b6
@@ -407,15 +399,6 @@ def plot_shape(table: dict[str, dict], ax=None, title: str = 'Kernel shape ratio
     return ax
 
 # %% ../nbs/06_analysis.ipynb #d9cfbf47
-def _hw(size) -> tuple[int, int]:
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(h), int(w)
-
-def _first_in_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, NIFFBase))), None)
-    if first is None: raise ValueError("cannot infer in_channels: the model has no Conv2d/NIFF layer; pass in_channels")
-    return first.in_channels
-
 def effective_receptive_field(model: nn.Module, inputs: torch.Tensor | None = None, *, input_size=None,
                               in_channels: int | None = None, layer: str | None = None, n: int = 16, seed: int = 0) -> torch.Tensor:
     "Mean |∂(centre unit of the last feature map)/∂input| over `inputs` (or `n` seeded noise images of `input_size`), summed over channels, normalised to sum 1: (H, W)."
@@ -423,7 +406,7 @@ def effective_receptive_field(model: nn.Module, inputs: torch.Tensor | None = No
     if inputs is None:
         if input_size is None: raise ValueError("pass inputs (B, C, H, W) or input_size (int or (H, W))")
         c = in_channels or _first_in_channels(model)
-        inputs = torch.randn(n, c, *_hw(input_size), generator=torch.Generator().manual_seed(seed))
+        inputs = torch.randn(n, c, *check_pair('input_size', input_size), generator=torch.Generator().manual_seed(seed))
     if inputs.dim() != 4: raise ValueError(f"inputs must be (B, C, H, W); got shape {tuple(inputs.shape)}")
     named = dict(model.named_modules())
     if layer is not None and layer not in named:
@@ -470,14 +453,7 @@ def full_window(h: int, w: int) -> tuple[int, int]:
 def odd_window(kernels: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     "Centred kernels (..., H, W) cropped or zero-extended to an odd sh x sw window centred at (sh//2, sw//2)."
     if sh % 2 == 0 or sw % 2 == 0 or min(sh, sw) < 1: raise ValueError(f"window must be positive odd sizes; got {(sh, sw)}")
-    out = kernels.new_zeros(*kernels.shape[:-2], sh, sw)
-    def span(n, s):
-        start = n // 2 - s // 2
-        lo, hi = max(start, 0), min(start + s, n)
-        return slice(lo, hi), slice(lo - start, hi - start)
-    (src_y, dst_y), (src_x, dst_x) = span(kernels.shape[-2], sh), span(kernels.shape[-1], sw)
-    out[..., dst_y, dst_x] = kernels[..., src_y, src_x]
-    return out
+    return embed_kernel(kernels, sh, sw, crop=True)        # the kernel convention of chapter 01
 
 def _conv_from_kernels(kernels, bias, window, groups, padding_mode) -> nn.Conv2d:
     cout, cin_per_group = kernels.shape[0], kernels.shape[1]
@@ -499,9 +475,9 @@ def spatial_layer(layer: NIFFBase, feature_size, window=None, padding_mode: str 
         raise ValueError(f"layer must be a NIFFDepthwise or NIFFConv2d; got {type(layer).__name__}")
     if layer.pad is not None:
         raise ValueError(f"layer has pad={layer.pad!r}; to_spatial supports pad=None with boundary 'circular' or 'linear'")
-    h, w = _hw(feature_size)
+    h, w = check_pair('feature_size', feature_size)
     fh, fw = full_window(h, w)
-    sh, sw = (fh, fw) if window is None else _hw(window)
+    sh, sw = (fh, fw) if window is None else check_pair('window', window)
     if sh % 2 == 0 or sw % 2 == 0 or min(sh, sw) < 1: raise ValueError(f"window must be positive odd sizes; got {window!r}")
     sh, sw = min(sh, fh), min(sw, fw)
     if padding_mode is None: padding_mode = 'circular' if layer.boundary == 'circular' else 'zeros'
@@ -566,7 +542,7 @@ def analyse_model(model: nn.Module, input_size, in_channels: int | None = None, 
                   n_components: int = 6, erf_inputs: torch.Tensor | None = None, skip_first_block: bool = False) -> tuple[dict, dict]:
     """(summary, tensors): per NIFF layer kernel mass (centred windows), effective size (this project's metric), shape and PCA
     numbers; per stage the kernel mass in the official notebooks' convention; and the model's ERF."""
-    h, w = _hw(input_size)
+    h, w = check_pair('input_size', input_size)
     summary, tensors = {'input_size': [h, w], 'mass': mass, 'layers': {}}, {}
     if niff_layers(model):
         kernels = spatial_kernels(model, (h, w), in_channels)
@@ -600,261 +576,12 @@ def plot_erf(erf: torch.Tensor, ax=None, title: str = 'Effective receptive field
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
     return ax
 
-def plot_crop_sweep(sweep: list[dict], reference_acc: float, ax=None, tolerance: float = 0.005, title: str = 'Cropped kernels'):
-    "Test accuracy of `to_spatial` at each crop window of a `crop_sweep`, with the NIFF model's accuracy and the tolerance band."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(5, 3.2))
-    labels = [str(r['window']) for r in sweep]
-    ax.plot(range(len(sweep)), [100 * r['test_acc'] for r in sweep], marker='o')
-    ax.axhline(100 * reference_acc, color='gray', lw=0.8, label='NIFF model')
-    ax.axhspan(100 * (reference_acc - tolerance), 100 * reference_acc, color='gray', alpha=0.2, label=f'within {100 * tolerance:.1f} points')
-    best = smallest_crop(sweep, reference_acc, tolerance)
-    if best['window'] is not None:
-        ax.plot(labels.index(str(best['window'])), 100 * best['test_acc'], marker='*', ms=13, color='C3', ls='none',
-                label=f"smallest within {100 * tolerance:.1f} points: {best['window']}")
-    ax.set_xticks(range(len(sweep)), labels)
-    ax.set(xlabel='crop window s (every NIFF layer)', ylabel='test accuracy (%)', title=title)
-    ax.legend(fontsize=7, loc='lower right')
-    return ax
+# %% ../nbs/06_analysis.ipynb #819b3db3
+_MOVED = ('save_analysis_figures', 'checkpoint_test_data', 'materialise_batches', 'forward_seconds', 'initial_model',
+          'crop_report', 'crop_windows', 'crop_sweep', 'smallest_crop', 'plot_crop_sweep', 'analyse_checkpoint', 'format_analysis',
+          'niff_analyze')
 
-# %% ../nbs/06_analysis.ipynb #76ba761f
-def save_analysis_figures(summary: dict, tensors: dict, out_dir, suffix: str = '', title: str = '', init: tuple | None = None) -> list[Path]:
-    """kernel_mass (centred, per layer), kernel_mass_official (per stage), eigen_kernels (centre and full), eigen_filters, shape,
-    erf and crop_sweep PNGs in `out_dir`; `init` = (summary, tensors) of the untrained model, drawn beside or under the trained one."""
-    import matplotlib.pyplot as plt
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    s0, t0 = init if init is not None else ({}, {})
-    paths = []
-    def save(fig, stem):
-        path = out_dir / f'{stem}{suffix}.png'
-        fig.savefig(path, dpi=110, bbox_inches='tight'); plt.close(fig); paths.append(path)
-    vs = ' (solid: trained, dashed: init)' if init is not None else ''
-    if 'kernels' in tensors:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        plot_kernel_mass(summary['layers'], ax=ax, title=f'Kernel mass ratio {title}{vs}'.strip(), init=s0.get('layers')); save(fig, 'kernel_mass')
-        fig, ax = plt.subplots(figsize=(6, 4))
-        plot_kernel_mass(summary['official_kmr']['stages'], ax=ax, init=s0.get('official_kmr', {}).get('stages'),
-                         title=f'Kernel mass ratio per stage, official convention {title}{vs}'.strip()); save(fig, 'kernel_mass_official')
-        save(plot_eigen_kernels(tensors['kernels'], 6, zoom=9), 'eigen_kernels')
-        save(plot_eigen_kernels(tensors['kernels'], 6, zoom=None), 'eigen_kernels_full')
-        if 'kernels' in t0: save(plot_eigen_kernels(t0['kernels'], 6, zoom=9), 'eigen_kernels_init')
-        save(plot_eigen_filters(tensors['weights'], 6), 'eigen_filters')
-        fig, ax = plt.subplots(figsize=(5, 3.4)); plot_shape(summary['layers'], ax=ax, init=s0.get('layers')); fig.tight_layout(); save(fig, 'shape')
-    panels = [('trained', summary, tensors)] + ([('init', s0, t0)] if 'erf' in t0 else [])
-    fig, axs = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    for ax, (name, s, t) in zip(axs[0], panels):
-        plot_erf(t['erf'], ax=ax, title=f'ERF {title} {name if init is not None else ""}'.strip(), mass=s['erf']['mass'])
-    fig.tight_layout(); save(fig, 'erf')
-    if summary.get('crop_sweep'):
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        plot_crop_sweep(summary['crop_sweep'], summary['to_spatial']['acc_niff'], ax=ax, title=f'Cropped kernels {title}'.strip())
-        fig.tight_layout(); save(fig, 'crop_sweep')
-    return paths
-
-# %% ../nbs/06_analysis.ipynb #8308bdd8
-def checkpoint_test_data(config: dict, n: int | None = None, batch_size: int = 256):
-    "(test loader, batch transform or None) for the dataset a training config names; `n` limits the test set."
-    from niff_nb.data import BatchTransform, get_dataset, make_loader, subset_dataset
-    name, root = config['dataset'], config.get('data')
-    batched = name in ('fashion-mnist', 'cifar10')
-    ds = get_dataset(name, 'test', root=root, transform=None if batched else 'default')
-    ds = subset_dataset(ds, n, config.get('seed', 0))
-    return make_loader(ds, batch_size, train=False, distributed=False), (BatchTransform(name, train=False) if batched else None)
-
-def materialise_batches(loader, batch_transform=None, device='cpu') -> list[tuple[torch.Tensor, torch.Tensor]]:
-    "The (transformed) batches of `loader` as a list on `device`, so that many models can be evaluated without re-reading them."
-    return [((x.to(device) if batch_transform is None else batch_transform(x.to(device))), y.to(device)) for x, y in loader]
-
-def _first_batch(loader, tf, n: int) -> torch.Tensor:
-    xs, have = [], 0
-    for x, _ in loader:
-        xs.append(x if tf is None else tf(x)); have += len(x)
-        if have >= n: break
-    return torch.cat(xs)[:n].float()
-
-def forward_seconds(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 7) -> dict[str, float]:
-    "Median forward time (eval, no grad) of each model on `x`, the models timed alternately so load hits them alike."
-    import time
-    times = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values(): m.eval(); m(x)  # warm-up (and NIFF filter caches)
-        for _ in range(repeats):
-            for k, m in models.items():
-                if x.is_cuda: torch.cuda.synchronize(x.device)
-                t0 = time.perf_counter(); m(x)
-                if x.is_cuda: torch.cuda.synchronize(x.device)
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(torch.tensor(v).median()) for k, v in times.items()}
-
-# %% ../nbs/06_analysis.ipynb #8af2a43e
-def initial_model(checkpoint) -> tuple[nn.Module, dict]:
-    """The model a training run started from, rebuilt from the checkpoint's config and seed as `fit` builds it;
-    (model in eval mode, checkpoint). `checkpoint`: a path or a loaded checkpoint dict. The global random state is restored."""
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    cfg = TrainConfig(**ckpt['config'])
-    py_state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            seed_everything(cfg.seed)
-            model = build_model(cfg)
-    finally:
-        random.setstate(py_state)
-    return model.eval(), ckpt
-
-# %% ../nbs/06_analysis.ipynb #7f38263e
-def crop_report(model: nn.Module, loader, batch_transform=None, input_size=None, *, mass: float = 0.9,
-                device='cpu', timing_batch: int = 256, acc_niff: float | None = None) -> dict:
-    """Test accuracy of `model` (or the given `acc_niff`) and of `to_spatial(model, 'effective')` (effective size: this project's
-    metric), full-size exactness, and forward times side by side."""
-    model = model.to(device).eval()
-    effective = to_spatial(model, 'effective', input_size, mass=mass)
-    full = to_spatial(model, 'full', input_size)
-    x = _first_batch(loader, batch_transform, timing_batch).to(device)
-    with torch.no_grad(): y = model(x); diff = (full(x) - y).abs().max().item(); scale = y.abs().max().item()
-    ev = evaluate(effective, loader, device, batch_transform=batch_transform)
-    if acc_niff is None: acc_niff = evaluate(model, loader, device, batch_transform=batch_transform)['top1']
-    secs = forward_seconds({'niff': model, 'effective': effective}, x)
-    return {'windows': {k: list(v) for k, v in effective.spatial_windows.items()}, 'mass': mass,
-            'acc_niff': acc_niff, 'acc_effective': ev['top1'], 'acc_change': ev['top1'] - acc_niff,
-            'full_size_max_abs_diff': diff, 'full_size_max_rel_diff': diff / scale if scale else 0.0,
-            'forward_ms_niff': 1e3 * secs['niff'], 'forward_ms_effective': 1e3 * secs['effective'],
-            'speedup': secs['niff'] / secs['effective'], 'timing_batch': len(x), 'n_test': ev['n']}
-
-# %% ../nbs/06_analysis.ipynb #9db3f505
-def crop_windows(model: nn.Module, input_size, in_channels: int | None = None) -> list:
-    "Crop windows 3, 5, 7, 9, 13, 17, ... (step 4) below the largest full window of the model's NIFF layers, then 'full'."
-    top = max(max(full_window(*hw)) for hw in feature_map_sizes_of_niff_layers(model, input_size, in_channels).values())
-    return [s for s in (3, 5, 7, 9) if s < top] + list(range(13, top, 4)) + ['full']
-
-@torch.no_grad()
-def crop_sweep(model: nn.Module, loader, batch_transform=None, input_size=None, windows=None, *, device='cpu',
-               in_channels: int | None = None) -> list[dict]:
-    """Test accuracy of `to_spatial(model, s)` for each window s (one odd side for every NIFF layer, clipped to each layer's
-    full kernel; 'full' = uncropped): [{'window': s, 'test_acc': a}, ...]. Default windows: `crop_windows`."""
-    model = model.to(device).eval()
-    if input_size is None: input_size = getattr(model, 'niff_config', {}).get('input_size')
-    windows = crop_windows(model, input_size, in_channels) if windows is None else list(windows)
-    data = loader if batch_transform is None and isinstance(loader, list) else materialise_batches(loader, batch_transform, device)
-    return [{'window': s, 'test_acc': evaluate(to_spatial(model, s, input_size, in_channels=in_channels), data, device)['top1']}
-            for s in windows]
-
-def smallest_crop(sweep: list[dict], reference_acc: float, tolerance: float = 0.005) -> dict:
-    """The smallest window of a `crop_sweep` whose accuracy is at least `reference_acc - tolerance` (0.005: half a point);
-    `all_larger_within` says whether every larger window stays within too. `window` is None if none does."""
-    order = sorted(sweep, key=lambda r: math.inf if r['window'] == 'full' else r['window'])
-    ok = [i for i, r in enumerate(order) if r['test_acc'] >= reference_acc - tolerance - 1e-12]
-    best = order[ok[0]] if ok else {'window': None, 'test_acc': None}
-    return {'window': best['window'], 'test_acc': best['test_acc'], 'reference_acc': reference_acc, 'tolerance': tolerance,
-            'all_larger_within': bool(ok) and all(r['test_acc'] >= reference_acc - tolerance - 1e-12 for r in order[ok[0]:])}
-
-# %% ../nbs/06_analysis.ipynb #dc833928
-def analyse_checkpoint(checkpoint, out_dir, *, suffix: str = '', mass: float = 0.9, crop: bool = True,
-                       test_subset: int | None = None, device='cpu', erf_images: int = 64, init: bool = True,
-                       sweep: bool = True, windows=None, eval_batch: int = 1000, skip_first_block: bool = False) -> dict:
-    """Analyse a trained checkpoint: per-layer numbers, ERF and figures; with `init` the same for the model the run started
-    from (`summary['init']`, same structure); with `crop` the to_spatial report and (with `sweep`) the crop sweep. Writes
-    analysis{suffix}.json. `test_subset` defaults to the run's own; without the dataset, the ERF uses noise and `crop` is skipped."""
-    from niff_nb.data import DatasetNotFoundError, dataset_info
-    model, ckpt = model_from_checkpoint(checkpoint)
-    cfg = ckpt['config']
-    info = dataset_info(cfg['dataset'], root=cfg.get('data'))
-    if test_subset is None: test_subset = cfg.get('test_subset')
-    try: loader, tf = checkpoint_test_data(cfg, test_subset, eval_batch)
-    except DatasetNotFoundError: loader, tf = None, None
-    erf_inputs = _first_batch(loader, tf, erf_images) if loader is not None else None
-    meta = dict(checkpoint=str(checkpoint), arch=cfg['arch'], variant=cfg['variant'], dataset=cfg['dataset'])
-    kw = dict(mass=mass, erf_inputs=erf_inputs, skip_first_block=skip_first_block)
-    summary, tensors = analyse_model(model, info.image_size, info.in_channels, **kw)
-    summary.update(meta, epoch=ckpt.get('epoch'))
-    start = None
-    if init:
-        s0, t0 = analyse_model(initial_model(ckpt)[0], info.image_size, info.in_channels, **kw)
-        s0.update(meta, epoch=0, rebuilt='from the run config and seed')
-        start = (s0, t0)
-    if crop and loader is not None and summary['layers']:
-        data = materialise_batches(loader, tf, device)
-        acc = evaluate(model.to(device), data, device)['top1']
-        summary['to_spatial'] = crop_report(model, data, None, info.image_size, mass=mass, device=device, acc_niff=acc)
-        if sweep:
-            summary['crop_sweep'] = crop_sweep(model, data, None, info.image_size, windows, device=device)
-            summary['smallest_crop'] = smallest_crop(summary['crop_sweep'], acc)
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    paths = save_analysis_figures(summary, tensors, out_dir, suffix, f"{cfg['arch']} {cfg['variant']}", init=start)
-    summary['figures'] = [p.name for p in paths]
-    if start is not None:
-        shows_init = ('kernel_mass', 'kernel_mass_official', 'eigen_kernels_init', 'shape', 'erf')
-        start[0]['figures'] = [p.name for p in paths if p.name[: len(p.name) - len(suffix) - 4] in shows_init]
-        summary['init'] = start[0]
-    (out_dir / f'analysis{suffix}.json').write_text(json.dumps(summary, indent=2))
-    return summary
-
-# %% ../nbs/06_analysis.ipynb #1f4e2dcb
-def _arrow(a, b, fmt: str = '{:.2f}') -> str:
-    "'a → b (±|b−a|)', or just b when there is no a."
-    if a is None: return fmt.format(b)
-    if any(isinstance(v, float) and math.isnan(v) for v in (a, b)): return f"{a} → {b}"
-    return f"{fmt.format(a)} → {fmt.format(b)} ({'+' if b >= a else '−'}{fmt.format(abs(b - a))})"
-
-def format_analysis(summary: dict) -> str:
-    "A plain-text report of an `analyse_checkpoint` summary, each kernel number beside the untrained model's (init → trained)."
-    init = summary.get('init') or {}
-    erf0 = f", {init['erf']['size']}x{init['erf']['size']} at init" if init else ''
-    lines = [f"{summary.get('arch', '')} {summary.get('variant', '')} on {summary.get('dataset', '')}: ERF "
-             f"{summary['erf']['size']}x{summary['erf']['size']} trained{erf0} ({100 * summary['mass']:.0f}% of the input gradient)"]
-    if not summary['layers']:
-        lines.append('no NIFF layers: only the ERF was analysed')
-    else:
-        lines += [f"effective size: smallest centred window holding {100 * summary['mass']:.0f}% of Σ|k| (this project's metric, not "
-                  "the paper's); mass: kernel mass ratio (paper eq. 6) in centred windows" + ('; init → trained (change)' if init else ''),
-                  f"{'layer':<14}{'map':>8}{'kernels':>9}   {'eff. median':<20}{'eff. p90':<20}{'mass 3x3':<24}{'mass 7x7':<24}"]
-        for name, r in summary['layers'].items():
-            r0 = init.get('layers', {}).get(name)
-            cols = [_arrow(r0 and r0[k], r[k], '{}') for k in ('effective_size_median', 'effective_size_p90')]
-            cols += [_arrow(r0 and mass_at(r0, s), mass_at(r, s)) for s in (3, 7)]
-            lines.append(f"{name:<14}{r['size'][0]:>4}x{r['size'][1]:<3}{r['n_kernels']:>9}   " + ''.join(f'{c:<20}' for c in cols[:2])
-                         + ''.join(f'{c:<24}' for c in cols[2:]))
-        off0 = init.get('official_kmr', {}).get('stages', {})
-        lines.append("official notebooks' convention (windows [c-i, c+i), pooled per stage; the points their figures plot at 3 and 7):")
-        for stage, r in summary['official_kmr']['stages'].items():
-            o = off0.get(stage)
-            lines.append(f"  {stage:<12}{r['size'][0]:>4}x{r['size'][1]:<3} at 3: {_arrow(o and mass_at(o, 3), mass_at(r, 3))}, "
-                         f"at 7: {_arrow(o and mass_at(o, 7), mass_at(r, 7))}")
-    c = summary.get('to_spatial')
-    if c:
-        lines.append(f"to_spatial at the effective sizes {c['windows']}: accuracy {c['acc_niff']:.4f} -> {c['acc_effective']:.4f} "
-                     f"({100 * c['acc_change']:+.2f} points), forward {c['forward_ms_niff']:.1f} -> {c['forward_ms_effective']:.1f} ms "
-                     f"({c['speedup']:.2f}x); full size max |diff| {c['full_size_max_abs_diff']:.1e}")
-    if summary.get('crop_sweep'):
-        sc = summary['smallest_crop']
-        lines.append('crop sweep (every NIFF layer cropped to s x s): ' + ', '.join(f"{r['window']}: {r['test_acc']:.4f}" for r in summary['crop_sweep']))
-        lines.append(f"smallest crop within {100 * sc['tolerance']:.1f} points of the NIFF model ({sc['reference_acc']:.4f}): {sc['window']}"
-                     + ('' if sc['all_larger_within'] else ' (some larger window falls outside)'))
-    return '\n'.join(lines)
-
-# %% ../nbs/06_analysis.ipynb #77c855dc
-def niff_analyze(argv=None) -> None:
-    "Console entry point of `niff_analyze CHECKPOINT --out DIR` (returns None: console scripts exit with the return value)."
-    import matplotlib
-    p = argparse.ArgumentParser(prog='niff_analyze', description='Analyse the learned kernels of a trained checkpoint beside the same '
-                                'model at initialisation: kernel mass ratio, effective size (this project\'s metric), PCA eigen-kernels '
-                                'and eigen-filters, shape, ERF, and the to_spatial crops.')
-    p.add_argument('checkpoint', help='a last.pt written by niff_train or niff_study')
-    p.add_argument('--out', default='analysis', help='output directory for the figures and analysis.json (default ./analysis)')
-    p.add_argument('--mass', type=float, default=0.9, help='share of the kernel mass that defines the effective size (default 0.9)')
-    p.add_argument('--no-crop', dest='crop', action='store_false', help='skip the to_spatial accuracy, speed and crop sweep')
-    p.add_argument('--no-sweep', dest='sweep', action='store_false', help='skip the crop sweep only')
-    p.add_argument('--no-init', dest='init', action='store_false', help='skip the analysis of the model at initialisation')
-    p.add_argument('--skip-first-block', action='store_true', help="official convention: leave block 0 of each stage out, as its notebook does")
-    p.add_argument('--test-subset', type=int, help='evaluate on this many test images only')
-    p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N' (default cpu)")
-    args = p.parse_args(argv)
-    if not 0 < args.mass <= 1: p.error(f"--mass must be in (0, 1]; got {args.mass}")
-    if args.test_subset is not None and args.test_subset < 1: p.error(f"--test-subset must be a positive int; got {args.test_subset}")
-    matplotlib.use('Agg')
-    try:
-        summary = analyse_checkpoint(args.checkpoint, args.out, mass=args.mass, crop=args.crop, test_subset=args.test_subset,
-                                     device=args.device, init=args.init, sweep=args.sweep, skip_first_block=args.skip_first_block)
-    except (CheckpointError, FileNotFoundError, NonFiniteKernelError) as e:
-        print(f"niff_analyze: error: {e}", file=sys.stderr); sys.exit(1)
-    print(format_analysis(summary))
-    print(f"wrote {Path(args.out) / 'analysis.json'} and {len(summary['figures'])} figures in {args.out}")
+def __getattr__(name: str):
+    "The analysis of a trained run moved to `niff_nb.analyze` (chapter 06a); its names still import from here."
+    if name in _MOVED: return getattr(importlib.import_module('niff_nb.analyze'), name)
+    raise AttributeError(f"module 'niff_nb.analysis' has no attribute {name!r}")

@@ -241,7 +241,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_niff_analyze_writes_figures_and_json(tiny_run, tmp_path):
-    r = subprocess.run([sys.executable, '-c', 'from niff_nb.analysis import niff_analyze; niff_analyze()', str(tiny_run),
+    r = subprocess.run([sys.executable, '-c', 'from niff_nb.analyze import niff_analyze; niff_analyze()', str(tiny_run),
                         '--out', str(tmp_path / 'an')], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / 'an' / 'analysis.json').read_text())
@@ -265,7 +265,7 @@ def test_niff_analyze_writes_figures_and_json(tiny_run, tmp_path):
 
 
 def test_niff_analyze_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, '-c', 'from niff_nb.analysis import niff_analyze; niff_analyze()', *a],
+    run = lambda *a: subprocess.run([sys.executable, '-c', 'from niff_nb.analyze import niff_analyze; niff_analyze()', *a],
                                     capture_output=True, text=True, timeout=300)
     r = run(str(tmp_path / 'missing.pt'))
     assert r.returncode == 1 and 'niff_analyze: error' in r.stderr and 'Traceback' not in r.stderr
@@ -281,7 +281,7 @@ def test_niff_analyze_names_a_layer_with_nonfinite_kernels(tiny_run, tmp_path):
     key = next(k for k in ckpt['model'] if k.startswith('stage2.0.') and k.endswith('real.0.weight'))
     ckpt['model'][key] = torch.full_like(ckpt['model'][key], float('nan'))
     save_checkpoint(tmp_path / 'nan.pt', ckpt)                 # a valid checkpoint (digest included) of a broken model
-    r = subprocess.run([sys.executable, '-c', 'from niff_nb.analysis import niff_analyze; niff_analyze()', str(tmp_path / 'nan.pt'),
+    r = subprocess.run([sys.executable, '-c', 'from niff_nb.analyze import niff_analyze; niff_analyze()', str(tmp_path / 'nan.pt'),
                         '--out', str(tmp_path / 'an'), '--no-crop'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
     assert "'stage2.0'" in r.stderr and 'NaN or inf' in r.stderr and "'stage1.0'" not in r.stderr
@@ -291,8 +291,8 @@ def test_niff_analyze_names_a_layer_with_nonfinite_kernels(tiny_run, tmp_path):
 # --- two kernel-mass conventions, undefined kernels, the control at initialisation, the crop sweep ----------------------
 import math
 
-from niff_nb.analysis import (NonFiniteKernelError, analyse_model, crop_sweep, crop_windows, initial_model, mass_at,
-                              smallest_crop, stage_groups, stage_kernels)
+from niff_nb.analysis import NonFiniteKernelError, analyse_model, mass_at, stage_groups, stage_kernels
+from niff_nb.analyze import crop_sweep, crop_windows, initial_model, smallest_crop
 
 
 def _official_loop(k):
@@ -406,3 +406,17 @@ def test_crop_sweep_windows_and_smallest_crop():
     assert best['window'] == 5 and best['all_larger_within'] and best['reference_acc'] == 0.9
     assert smallest_crop(fake, 0.9, tolerance=0.001)['window'] == 7
     assert smallest_crop([{'window': 3, 'test_acc': 0.1}], 0.9)['window'] is None
+
+
+@pytest.mark.parametrize('device,match', [('tpu', "device='tpu' is not a device"), ('cuda:0' if not torch.cuda.is_available() else 'cuda:99', 'cuda')])
+def test_niff_analyze_checks_the_device_before_reading_the_checkpoint(tmp_path, device, match, capsys):
+    from niff_nb.analyze import niff_analyze
+    with pytest.raises(SystemExit) as e:
+        niff_analyze([str(tmp_path / 'missing.pt'), '--device', device, '--out', str(tmp_path / 'an')])
+    assert e.value.code == 2 and match in capsys.readouterr().err and not (tmp_path / 'an').exists()
+
+
+def test_the_run_analysis_still_imports_from_its_old_home():
+    import niff_nb.analysis as old, niff_nb.analyze as new
+    for name in old._MOVED: assert getattr(old, name) is getattr(new, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"): old.nope

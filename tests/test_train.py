@@ -251,3 +251,25 @@ def test_off_switches_an_option_off_and_leaves_amp_modes_alone():
     cfg = config_from_args(_parser().parse_args(['--recipe', 'convnext-adamw', '--ema-decay', 'off', '--amp', 'off', '--randaugment', 'none']))
     assert cfg.ema_decay is None and cfg.randaugment is None and cfg.amp == 'off'
     assert config_from_args(_parser().parse_args(['--recipe', 'convnext-adamw'])).ema_decay == 0.9999
+
+
+def test_every_recipe_option_trains_on_tiny_cifar(tmp_path):
+    "RandAugment, random erasing, MixUp/CutMix, stochastic depth, EMA and a step schedule in one short run; the EMA is what is evaluated."
+    from niff_nb.data import fake_cifar10
+    from niff_nb.train import fit, load_checkpoint, model_from_checkpoint, read_metrics, recipe
+    data = fake_cifar10(tmp_path / 'cifar', n_train=40, n_test=20)
+    cfg = recipe('resnet-sgd', arch='resnet18', variant='niff', dataset='cifar10', data=str(data), out=str(tmp_path / 'run'),
+                 epochs=2, batch_size=20, lr_milestones=(1,), randaugment=9, randaugment_std=0.5, random_erasing=0.25,
+                 mixup=0.8, cutmix=1.0, label_smoothing=0.1, stochastic_depth=0.1, ema_decay=0.9, device='cpu', progress=False,
+                 model_kwargs={'stem': 'cifar'})
+    res = fit(cfg)
+    assert res['epochs'] == 2 and 0 <= res['test_acc'] <= 1
+    log = read_metrics(tmp_path / 'run' / 'metrics.jsonl')
+    assert [r['epoch'] for r in log] == [1, 2] and all('raw_test_top1' in r for r in log)
+    assert log[1]['lr'] == pytest.approx(log[0]['lr'] * 0.1)                 # the step schedule's milestone after epoch 1
+    ck = load_checkpoint(tmp_path / 'run' / 'last.pt')
+    assert int(ck['ema']['n_averaged']) == 4                                   # 2 epochs x 2 steps
+    ema, _ = model_from_checkpoint(tmp_path / 'run' / 'last.pt')
+    raw, _ = model_from_checkpoint(tmp_path / 'run' / 'last.pt', weights='raw')
+    assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), raw.state_dict().values()) if a.is_floating_point())
+    assert [round(b.bn2.stochastic_depth.p, 6) for b in (raw.layer1[0], raw.layer4[1])] == [0.0, 0.1]
