@@ -670,12 +670,8 @@ class SeededRandomSampler(Sampler):
 
 def seed_for(seed: int, epoch: int = 0, rank: int = 0) -> int:
     "A 64-bit seed for (`seed`, `epoch`, `rank`): a separate, reproducible random stream for every epoch of every process."
-    for name, v in (('seed', seed), ('epoch', epoch), ('rank', rank)): _check_int(v, name, 0)
+    for name, v in (('seed', seed), ('epoch', epoch), ('rank', rank)): check_int(name, v, 0)
     return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1, np.uint64)[0])
-
-def _check_int(v, name: str, low: int):
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
 
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -685,7 +681,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
                 batch_transform: Callable | None = None, **kwargs) -> DataLoader:
     """A DataLoader over `dataset`: seeded shuffling for training, a DistributedSampler under torch.distributed, worker
     seeds of their own per rank; `batch_transform` (e.g. a `BatchTransform`) is kept as `loader.batch_transform`."""
-    _check_int(batch_size, 'batch_size', 1); _check_int(num_workers, 'num_workers', 0); _check_int(seed, 'seed', 0)
+    check_int('batch_size', batch_size, 1); check_int('num_workers', num_workers, 0); check_int('seed', seed, 0)
     if not isinstance(train, bool): raise ValueError(f"train must be True or False; got {train!r}")
     if distributed is None: distributed = _dist_ready()
     elif distributed and not _dist_ready():
@@ -718,7 +714,7 @@ def set_epoch(loader: DataLoader, epoch: int):
 def subset_dataset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
     "`n` samples of `dataset` drawn without replacement with `seed` (in their original order); all of it if `n` is None or >= len."
     if n is None: return dataset
-    _check_int(n, 'subset', 1)
+    check_int('subset', n, 1)
     if n >= len(dataset): return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return dataset.subset(idx) if isinstance(dataset, TensorImageDataset) else Subset(dataset, idx.tolist())
@@ -750,13 +746,13 @@ def get_dataloaders(name: str = 'fashion-mnist', root=None, batch_size: int = 25
     """(train_loader, test_loader) of dataset `name`; `subset` limits each split to a deterministic sample for quick runs;
     `transform='batch'` keeps fixed-size datasets uint8 and hands each loader its `BatchTransform` (`loader.batch_transform`).
     `randaugment`, `randaugment_std` and `erasing` add the ConvNeXt pipeline's policies to the training images, on whichever path they take."""
-    _check_int(batch_size, 'batch_size', 1)
-    if eval_batch_size is not None: _check_int(eval_batch_size, 'eval_batch_size', 1)
+    check_int('batch_size', batch_size, 1)
+    if eval_batch_size is not None: check_int('eval_batch_size', eval_batch_size, 1)
     if isinstance(subset, tuple) and len(subset) == 2: n_train, n_test = subset
     elif subset is None or isinstance(subset, numbers.Integral): n_train = n_test = subset
     else: raise ValueError(f"subset must be None, an int or a pair (n_train, n_test); got {subset!r}")
     for n in (n_train, n_test):
-        if n is not None: _check_int(n, 'subset', 1)
+        if n is not None: check_int('subset', n, 1)
     policies = dict(randaugment=randaugment, randaugment_std=randaugment_std, erasing=erasing)
     bt_train = bt_test = None
     if transform == 'batch':

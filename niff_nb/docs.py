@@ -205,6 +205,7 @@ EXTRA_CSS = '''/* Added by niff_nb.docs for the Sphinx build (nbs/styles.css hol
 .tag_show-doc { border-top: 1px solid var(--color-background-border, #ddd); padding-top: 0.5rem; margin-top: 1.5rem; }
 .tag_show-doc .cell_output a.reference.external[target="_blank"] { float: right; font-size: smaller; }
 .tag_show-doc .cell_output p.rubric { font-size: 1.15em; margin-top: 0.2rem; }
+.tag_show-doc .cell_output pre { white-space: pre-wrap; overflow-wrap: anywhere; }   /* long signatures wrap, never clip */
 '''
 
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" fill="#1a5fb4"/>'

@@ -38,14 +38,6 @@ def _as_complex(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     if x.is_complex(): return x
     return x.to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)
 
-
-def _check_positive_int(v, name: str) -> int:
-    "Return `v` if it is a positive int (bools rejected), else raise naming `name`."
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ArgumentError(f"`{name}` must be a positive int, got {type(v).__name__} {v!r}")
-    if v < 1: raise ArgumentError(f"`{name}` must be a positive int (>= 1), got {v}")
-    return v
-
 # %% ../nbs/00_fourier.ipynb #2df76919
 def batched_fft(
     fn: Callable[..., torch.Tensor],  # a `torch.fft` function: fft, ifft, rfft, irfft, fft2, ifft2, rfft2, irfft2, ...

@@ -423,11 +423,11 @@ def test_dataset_info_table():
     (lambda: train_transform('imagefolder', padding=4), "padding applies to ('fashion-mnist', 'cifar10')"),
     (lambda: train_transform(flip='yes'), 'flip must be True, False or None'),
     (lambda: BatchTransform('imagenet100'), "name must be one of ('fashion-mnist', 'cifar10') for BatchTransform"),
-    (lambda: get_dataloaders(batch_size=0), 'batch_size must be an int >= 1; got 0'),
-    (lambda: get_dataloaders(batch_size=32.0), 'batch_size must be an int >= 1'),
-    (lambda: get_dataloaders(eval_batch_size=0), 'eval_batch_size must be an int >= 1'),
+    (lambda: get_dataloaders(batch_size=0), 'batch_size must be a positive int; got 0'),
+    (lambda: get_dataloaders(batch_size=32.0), 'batch_size must be a positive int'),
+    (lambda: get_dataloaders(eval_batch_size=0), 'eval_batch_size must be a positive int'),
     (lambda: get_dataloaders(subset=[10, 10]), 'subset must be None, an int or a pair'),
-    (lambda: get_dataloaders(subset=0), 'subset must be an int >= 1'),
+    (lambda: get_dataloaders(subset=0), 'subset must be a positive int'),
     (lambda: get_dataloaders(transform=(None,)), "transform must be 'default', None or a pair"),
 ])
 def test_bad_input_names_the_argument(call, msg):
