@@ -203,7 +203,14 @@ def format_report(table: str, rows: list[dict], analysis: dict | None = None, se
     lines += ['', f"{len(trained)} of {len(rows)} rows trained ({sum(r['status'] == 'finished' for r in rows)} finished). "
               "Accuracies in percent on the test split (ImageNet: the validation split); 'Δ' is ours minus the paper's."]
     if settings: lines.append('Settings of this run: ' + ', '.join(f'{k} {v}' for k, v in settings.items() if v is not None) + '.')
-    lines += ['', '**Notes.**', '']
+    lines += ['', '**Notes.**', ''] + _report_notes(table, rows)
+    if analysis: lines += _kernel_mass_lines(rows, analysis)
+    return '\n'.join(lines) + '\n'
+
+# %% ../nbs/11_reproduce.ipynb #58e2b44ax
+def _report_notes(table: str, rows: list[dict]) -> list[str]:
+    "The report's notes: the recipes of `table` and the differences from the paper's counts that chapter 03b explains."
+    lines = []
     if table == 'A2':
         lines.append("* Every row uses the paper's CIFAR-10 recipe (`paper-cifar`, Appendix I) with the CIFAR stem. Table A2's ConvNeXt "
                      "(6,376,466 parameters) is a network the paper does not describe; ours is torchvision's ConvNeXt-tiny with a CIFAR stem, hence "
@@ -220,18 +227,21 @@ def format_report(table: str, rows: list[dict], analysis: dict | None = None, se
         if table == '2':
             lines.append("* The paper also quotes torchvision's pretrained models (its \"(PyTorch)\" rows): " + ', '.join(
                 f"{ARCH_NAMES[a]} {t1:.2f} / {t5:.2f}" for a, (t1, t5) in PAPER_TORCHVISION_ACCURACY.items()) + " (top-1 / top-5).")
-    if analysis:
-        lines += ['', '## Kernel mass ratio of the NIFF models', '',
-                  f"Median (90th percentile) effective kernel size per layer, the smallest centred window holding {100 * next(iter(analysis.values()))['mass']:.0f} % "
-                  "of a kernel's absolute mass, trained and at initialisation (the same network, the run's seed).", '',
-                  '| model | variant | layer | feature map | trained | at initialisation |', '|---|---|---|---|---|---|']
-        for tag, a in analysis.items():
-            r = next(r for r in rows if r['tag'] == tag)
-            for layer, v in a['layers'].items():
-                lines.append(f"| {ARCH_NAMES.get(r['arch'], r['arch'])} | {VARIANT_NAMES.get(r['variant'], r['variant'])} | {layer} | "
-                             f"{v['size'][0]}x{v['size'][1]} | {v['median_trained']} ({v['p90_trained']}) | {v['median_init']} ({v['p90_init']}) |")
-        lines += [''] + [f"![kernel mass, {tag}]({a['figure']})" for tag, a in analysis.items()]
-    return '\n'.join(lines) + '\n'
+    return lines
+
+def _kernel_mass_lines(rows: list[dict], analysis: dict) -> list[str]:
+    "The report's kernel-mass section: median (p90) effective size per layer, trained and at initialisation, and the figures."
+    lines = ['', '## Kernel mass ratio of the NIFF models', '',
+             f"Median (90th percentile) effective kernel size per layer, the smallest centred window holding {100 * next(iter(analysis.values()))['mass']:.0f} % "
+             "of a kernel's absolute mass, trained and at initialisation (the same network, the run's seed).", '',
+             '| model | variant | layer | feature map | trained | at initialisation |', '|---|---|---|---|---|---|']
+    for tag, a in analysis.items():
+        r = next(r for r in rows if r['tag'] == tag)
+        for layer, v in a['layers'].items():
+            lines.append(f"| {ARCH_NAMES.get(r['arch'], r['arch'])} | {VARIANT_NAMES.get(r['variant'], r['variant'])} | {layer} | "
+                         f"{v['size'][0]}x{v['size'][1]} | {v['median_trained']} ({v['p90_trained']}) | {v['median_init']} ({v['p90_init']}) |")
+    lines += [''] + [f"![kernel mass, {tag}]({a['figure']})" for tag, a in analysis.items()]
+    return lines
 
 # %% ../nbs/11_reproduce.ipynb #5d74b977
 def reproduce(table: str, data, out=None, rows=None, *, resume: bool = False, overwrite: bool = False, analyse: bool = True,

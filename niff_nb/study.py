@@ -20,7 +20,7 @@ from .data import DATASETS, check_dataset
 from .train import CheckpointError, RunDir, fit, recipe
 
 # %% auto #0
-__all__ = ['analyse_run', 'training_changes', 'headline', 'write_report', 'run_study', 'niff_study']
+__all__ = ['analyse_run', 'training_changes', 'headline', 'write_report', 'run_study', 'niff_study', 'print_study']
 
 # %% ../nbs/06b_study.ipynb #72aff4bb
 def analyse_run(checkpoint, out_dir, name: str, mass: float = 0.9, crop: bool = True, init: bool = True,
@@ -174,9 +174,7 @@ def _run_study(out, arch, variants, dataset, data, epochs, device, resume, progr
     return summary
 
 # %% ../nbs/06b_study.ipynb #b7cab3d8
-def niff_study(argv=None) -> None:
-    "Console entry point of `niff_study` (returns None: console scripts exit with the return value)."
-    from niff_nb.data import DatasetNotFoundError
+def _study_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='niff_study', description='Train baseline and NIFF versions of a CNN, evaluate them, '
                                 'and analyse how large the learned kernels are. Defaults: a small CNN on Fashion-MNIST.')
     p.add_argument('--out', default='study', help='output directory (default ./study)')
@@ -194,7 +192,12 @@ def niff_study(argv=None) -> None:
     p.add_argument('--resume', action='store_true', help='continue the study in --out (runs with a checkpoint resume, the others start)')
     p.add_argument('--overwrite', action='store_true', help='replace the study in --out (each run is kept until its replacement has a checkpoint)')
     p.add_argument('--no-progress', dest='progress', action='store_false')
-    args = p.parse_args(argv)
+    return p
+
+# %% ../nbs/06b_study.ipynb #b7cab3d8x
+def niff_study(argv=None) -> None:
+    "Console entry point of `niff_study` (returns None: console scripts exit with the return value)."
+    args = _study_parser().parse_args(argv)
     matplotlib.use('Agg')  # files only: no window needed
     overrides = {k: v for k, v in (('batch_size', args.batch_size), ('lr', args.lr), ('seed', args.seed),
                                    ('subset', args.subset), ('num_workers', args.num_workers)) if v is not None}
@@ -205,6 +208,10 @@ def niff_study(argv=None) -> None:
         print(f"niff_study: error: {e}", file=sys.stderr); sys.exit(1)
     except ValueError as e:
         print(f"niff_study: error: {e}", file=sys.stderr); sys.exit(2)
+    print_study(summary, args.out)
+
+def print_study(summary: dict, out) -> None:
+    "The console summary of a study: accuracies, receptive fields, what training changed, the smallest crop."
     for r in summary['runs']:
         print(f"{r['variant']:>10s}: test accuracy {r['test_acc']:.4f}, {r['params']:,} parameters, {r['epoch_seconds']:.1f} s/epoch")
     for variant, a in summary['analysis'].items():
@@ -224,4 +231,4 @@ def niff_study(argv=None) -> None:
         if sc and sc['window'] is not None:
             print(f"{variant:>10s}: smallest crop within {100 * sc['tolerance']:.1f} points of the NIFF model: {sc['window']} "
                   f"({sc['test_acc']:.4f} vs {sc['reference_acc']:.4f})")
-    print(f"wrote {Path(args.out) / 'summary.json'}, {Path(args.out) / 'report.md'} and figures in {summary['wall_seconds']:.0f} s")
+    print(f"wrote {Path(out) / 'summary.json'}, {Path(out) / 'report.md'} and figures in {summary['wall_seconds']:.0f} s")

@@ -957,18 +957,24 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     return _run(cfg, rt, folder, mode, state, history, train_dl, test_dl)
 
 # %% ../nbs/05_train.ipynb #f5db7f26
-def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
-    "The epochs of `fit`: model, optimiser and schedule (restored from `state` when resuming); process 0 writes, through a `RunLog`."
-    main, show = rt.dist.is_main, cfg.progress and rt.dist.is_main
+def _run_models(cfg: TrainConfig, rt: Runtime) -> tuple:
+    "(model as built from `cfg` with its seed, its training wrapper (DDP, compile), its EMA or None, its MixUp/CutMix or None)."
     seed_everything(cfg.seed)
     raw = build_model(cfg).to(rt.device)
     if rt.channels_last: to_channels_last(raw)
-    n_params = sum(p.numel() for p in raw.parameters())
     ema = make_ema(raw, cfg.ema_decay) if cfg.ema_decay else None
     mix = mix_transform(cfg.mixup, cfg.cutmix, cfg.model_kwargs.get('num_classes', dataset_info(cfg.dataset, root=cfg.data).num_classes))
     model = raw
     if rt.dist.enabled: model = nn.parallel.DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.device.type == 'cuda' else None)
     if cfg.compile: model = torch.compile(model) if cfg.compile is True else torch.compile(model, backend=cfg.compile)
+    return raw, model, ema, mix
+
+# %% ../nbs/05_train.ipynb #f5db7f26x
+def _run(cfg, rt, folder, mode, state, history, train_dl, test_dl) -> dict:
+    "The epochs of `fit`: model, optimiser and schedule (restored from `state` when resuming); process 0 writes, through a `RunLog`."
+    main, show = rt.dist.is_main, cfg.progress and rt.dist.is_main
+    raw, model, ema, mix = _run_models(cfg, rt)
+    n_params = sum(p.numel() for p in raw.parameters())
     optimizer, steps = build_optimizer(raw, cfg), len(train_dl)
     scheduler = lr_schedule(optimizer, cfg, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

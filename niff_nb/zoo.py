@@ -124,6 +124,21 @@ def _drop_pointwise_bias(model: nn.Module) -> list[dict]:
             for c in ('fc1', 'fc2'): swap(m, c, f"{name}.{c}")
     return rows
 
+# %% ../nbs/03a_zoo.ipynb #67c1d610a
+def _check_model_args(arch, variant, num_classes, stem, in_channels, variant_kw, **switches) -> dict | None:
+    "`create_model`'s argument checks; returns the variant's settings (None for the baseline)."
+    check_choice('arch', arch, ARCHS + EXTRA_ARCHS)
+    vs = variant_settings(variant)
+    check_choice('stem', stem, STEMS)
+    check_int('num_classes', num_classes); check_int('in_channels', in_channels)
+    if variant_kw is not None:
+        if not isinstance(variant_kw, Mapping): raise ArgumentError(f"variant_kw must be a dict or None; got {variant_kw!r}")
+        if vs is None or 'plugin' not in vs:
+            raise ArgumentError(f"variant_kw only applies to plugin variants ({', '.join(all_variants()[len(VARIANTS):])}); "
+                             f"got variant_kw={dict(variant_kw)!r} with variant={variant!r}")
+    for name, v in switches.items(): check_choice(name, v, (None, True, False))
+    return vs
+
 # %% ../nbs/03a_zoo.ipynb #67c1d610
 def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str = 'imagenet', in_channels: int = 3,
                  mlp=None, pointwise_bias: bool | None = None, keep_1x1: bool | None = None,
@@ -137,17 +152,8 @@ def create_model(arch: str, variant: str, num_classes: int = 1000, *, stem: str 
     paper's parameter counts require (see the notebook). `input_size` (default 224, or 32 with the CIFAR stem) sizes
     the kernels of 'spatial_fm' (and of plugin variants that need it). `variant_kw` are the settings of a plugin variant
     (e.g. `{'alpha': 0.25}` for 'octave'; see `all_variants()`). `device='meta'` builds the structure without allocating weights."""
-    check_choice('arch', arch, ARCHS + EXTRA_ARCHS)
-    vs = variant_settings(variant)
-    check_choice('stem', stem, STEMS)
-    check_int('num_classes', num_classes); check_int('in_channels', in_channels)
-    if variant_kw is not None:
-        if not isinstance(variant_kw, Mapping): raise ArgumentError(f"variant_kw must be a dict or None; got {variant_kw!r}")
-        if vs is None or 'plugin' not in vs:
-            raise ArgumentError(f"variant_kw only applies to plugin variants ({', '.join(all_variants()[len(VARIANTS):])}); "
-                             f"got variant_kw={dict(variant_kw)!r} with variant={variant!r}")
-    for name, v in (('pointwise_bias', pointwise_bias), ('keep_1x1', keep_1x1), ('convert_stem', convert_stem)):
-        check_choice(name, v, (None, True, False))
+    vs = _check_model_args(arch, variant, num_classes, stem, in_channels, variant_kw,
+                           pointwise_bias=pointwise_bias, keep_1x1=keep_1x1, convert_stem=convert_stem)
     cifar = stem == 'cifar'
     if mlp is None: mlp = 'cifar' if cifar else ARCH_MLP[arch]
     if keep_1x1 is None: keep_1x1 = not (cifar and arch.startswith('resnet'))
