@@ -23,7 +23,7 @@ from .analysis import (NonFiniteKernelError, analyse_model, feature_map_sizes_of
 # %% auto #0
 __all__ = ['save_analysis_figures', 'checkpoint_test_data', 'materialise_batches', 'forward_seconds', 'initial_model',
            'crop_report', 'crop_windows', 'crop_sweep', 'smallest_crop', 'plot_crop_sweep', 'analyse_checkpoint',
-           'format_analysis', 'niff_analyze']
+           'init_to_trained', 'official_stage_rows', 'format_analysis', 'niff_analyze']
 
 # %% ../nbs/06a_analyze.ipynb #76ba761f
 def save_analysis_figures(summary: dict, tensors: dict, out_dir, suffix: str = '', title: str = '', init: tuple | None = None) -> list[Path]:
@@ -215,11 +215,20 @@ def analyse_checkpoint(checkpoint, out_dir, *, suffix: str = '', mass: float = 0
     return summary
 
 # %% ../nbs/06a_analyze.ipynb #1f4e2dcb
-def _arrow(a, b, fmt: str = '{:.2f}') -> str:
-    "'a → b (±|b−a|)', or just b when there is no a."
+def init_to_trained(a, b, fmt: str = '{:.2f}', change: bool = True) -> str:
+    "'a → b (±|b−a|)' (without the change when `change=False`), or just b when there is no control value a."
     if a is None: return fmt.format(b)
     if any(isinstance(v, float) and math.isnan(v) for v in (a, b)): return f"{a} → {b}"
-    return f"{fmt.format(a)} → {fmt.format(b)} ({'+' if b >= a else '−'}{fmt.format(abs(b - a))})"
+    pair = f"{fmt.format(a)} → {fmt.format(b)}"
+    return f"{pair} ({'+' if b >= a else '−'}{fmt.format(abs(b - a))})" if change else pair
+
+def official_stage_rows(summary: dict) -> list[tuple]:
+    """Per stage of the official convention: (stage, (h, w), its layers, (init, trained) mass 'at 3', the same 'at 7');
+    the init values are None when the summary has no control."""
+    o0 = (summary.get('init') or {}).get('official_kmr', {}).get('stages', {})
+    off = summary['official_kmr']
+    return [(stage, tuple(r['size']), off['layers'][stage],
+             *[(mass_at(o0[stage], s) if stage in o0 else None, mass_at(r, s)) for s in (3, 7)]) for stage, r in off['stages'].items()]
 
 def format_analysis(summary: dict) -> str:
     "A plain-text report of an `analyse_checkpoint` summary, each kernel number beside the untrained model's (init → trained)."
@@ -235,16 +244,13 @@ def format_analysis(summary: dict) -> str:
                   f"{'layer':<14}{'map':>8}{'kernels':>9}   {'eff. median':<20}{'eff. p90':<20}{'mass 3x3':<24}{'mass 7x7':<24}"]
         for name, r in summary['layers'].items():
             r0 = init.get('layers', {}).get(name)
-            cols = [_arrow(r0 and r0[k], r[k], '{}') for k in ('effective_size_median', 'effective_size_p90')]
-            cols += [_arrow(r0 and mass_at(r0, s), mass_at(r, s)) for s in (3, 7)]
+            cols = [init_to_trained(r0 and r0[k], r[k], '{}') for k in ('effective_size_median', 'effective_size_p90')]
+            cols += [init_to_trained(r0 and mass_at(r0, s), mass_at(r, s)) for s in (3, 7)]
             lines.append(f"{name:<14}{r['size'][0]:>4}x{r['size'][1]:<3}{r['n_kernels']:>9}   " + ''.join(f'{c:<20}' for c in cols[:2])
                          + ''.join(f'{c:<24}' for c in cols[2:]))
-        off0 = init.get('official_kmr', {}).get('stages', {})
         lines.append("official notebooks' convention (windows [c-i, c+i), pooled per stage; the points their figures plot at 3 and 7):")
-        for stage, r in summary['official_kmr']['stages'].items():
-            o = off0.get(stage)
-            lines.append(f"  {stage:<12}{r['size'][0]:>4}x{r['size'][1]:<3} at 3: {_arrow(o and mass_at(o, 3), mass_at(r, 3))}, "
-                         f"at 7: {_arrow(o and mass_at(o, 7), mass_at(r, 7))}")
+        for stage, (h, w), _, at3, at7 in official_stage_rows(summary):
+            lines.append(f"  {stage:<12}{h:>4}x{w:<3} at 3: {init_to_trained(*at3)}, at 7: {init_to_trained(*at7)}")
     c = summary.get('to_spatial')
     if c:
         lines.append(f"to_spatial at the effective sizes {c['windows']}: accuracy {c['acc_niff']:.4f} -> {c['acc_effective']:.4f} "

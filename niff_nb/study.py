@@ -15,7 +15,7 @@ import matplotlib
 import torch
 
 from .analysis import full_window, mass_at
-from .analyze import analyse_checkpoint
+from .analyze import analyse_checkpoint, init_to_trained, official_stage_rows
 from .data import DATASETS, check_dataset
 from .train import CheckpointError, RunDir, fit, recipe
 
@@ -69,12 +69,11 @@ def headline(changes: dict[str, dict], sweep: dict | None = None) -> list[str]:
     return lines
 
 # %% ../nbs/06b_study.ipynb #59f643da
-def _pair(r0, r, fmt='{:.2f}'):
-    return fmt.format(r) if r0 is None else f"{fmt.format(r0)} → {fmt.format(r)}"
+def _pair(r0, r, fmt='{:.2f}'): return init_to_trained(r0, r, fmt, change=False)
 
 def _kernel_sections(variant: str, a: dict) -> list[str]:
     a0 = a.get('init') or {}
-    l0, o0 = a0.get('layers', {}), a0.get('official_kmr', {}).get('stages', {})
+    l0 = a0.get('layers', {})
     lines = ['', f'## Kernels in detail: {variant}', '', 'Init → trained. Effective size: smallest centred window holding '
              f"{100 * a['mass']:.0f}% of a kernel's absolute mass (this project's metric, not the paper's); σx/σy from a Gaussian fit to |k|.",
              '', '| layer | feature map | kernels | median effective size | 90th percentile | mass in 3x3 | mass in 7x7 | σx/σy |',
@@ -89,10 +88,8 @@ def _kernel_sections(variant: str, a: dict) -> list[str]:
     lines += ['', "Kernel mass per stage in the official notebooks' convention (windows [c-i, c+i), the points their figures plot at 3 "
               "and 7, i.e. windows of side 2 and 6; block 0 " + ('left out' if a['official_kmr']['skip_first_block'] else 'kept') + '):',
               '', '| stage | feature map | layers | mass "at 3" | mass "at 7" |', '|---|---|---|---|---|']
-    for stage, row in a['official_kmr']['stages'].items():
-        r0 = o0.get(stage)
-        lines.append(f"| {stage} | {row['size'][0]}x{row['size'][1]} | {', '.join(a['official_kmr']['layers'][stage])} | "
-                     f"{_pair(r0 and mass_at(r0, 3), mass_at(row, 3))} | {_pair(r0 and mass_at(r0, 7), mass_at(row, 7))} |")
+    for stage, (h, w), layers, at3, at7 in official_stage_rows(a):
+        lines.append(f"| {stage} | {h}x{w} | {', '.join(layers)} | {_pair(*at3)} | {_pair(*at7)} |")
     c = a.get('to_spatial')
     if c:
         lines += ['', f"As an ordinary CNN with the kernels cropped to the trained effective sizes ({c['windows']}): test accuracy "
