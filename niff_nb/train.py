@@ -19,10 +19,12 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,17 +47,17 @@ except ImportError: fcntl = None     # no OS file locks on this platform: a seco
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'AMP_MODES', 'SCHEDULES', 'STOCHASTIC_DEPTH_ARCHS', 'RECIPE_OPTIONS', 'CONVNEXT_PIPELINE', 'RECIPES',
-           'SYNC_EVERY', 'CHECKPOINT_KEYS', 'RMSPROP_ALPHA', 'RUN_FILES', 'STUDY_FILES', 'LOCK', 'RESUME_CHANGES',
-           'TrainConfig', 'recipe', 'config_from_dict', 'resolve_device', 'native_bf16', 'resolve_amp', 'DistInfo',
-           'setup_distributed', 'Runtime', 'setup_runtime', 'to_channels_last', 'build_loaders', 'topk_hits',
-           'topk_correct', 'Tally', 'run_batch', 'NonFiniteError', 'train_one_epoch', 'evaluate', 'set_run_mode',
-           'atomic_write', 'clean_temp_files', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'checkpoint_config', 'seed_everything', 'build_model', 'scaled_lr', 'build_optimizer', 'cosine_schedule',
-           'epoch_schedule', 'lr_schedule', 'load_model_state', 'restore', 'residual_blocks', 'set_stochastic_depth',
-           'make_ema', 'ema_weights', 'RunFolderError', 'check_out_path', 'folder_contents', 'lock_folder',
-           'swap_folders', 'RunDir', 'MetricsError', 'read_metrics', 'nonfinite_tensors', 'RunLog', 'resume_config',
-           'TrainingInterrupted', 'fit', 'model_from_checkpoint', 'given_fields', 'config_from_args',
-           'resume_from_args', 'niff_train']
+           'INTERRUPT', 'SYNC_EVERY', 'CHECKPOINT_KEYS', 'RMSPROP_ALPHA', 'RUN_FILES', 'STUDY_FILES', 'LOCK',
+           'RESUME_CHANGES', 'TrainConfig', 'recipe', 'config_from_dict', 'resolve_device', 'native_bf16',
+           'resolve_amp', 'DistInfo', 'setup_distributed', 'Runtime', 'setup_runtime', 'to_channels_last',
+           'build_loaders', 'topk_hits', 'topk_correct', 'Tally', 'run_batch', 'SafeInterrupt', 'NonFiniteError',
+           'train_one_epoch', 'evaluate', 'set_run_mode', 'atomic_write', 'clean_temp_files', 'CheckpointError',
+           'save_checkpoint', 'load_checkpoint', 'checkpoint_config', 'seed_everything', 'build_model', 'scaled_lr',
+           'build_optimizer', 'cosine_schedule', 'epoch_schedule', 'lr_schedule', 'load_model_state', 'restore',
+           'residual_blocks', 'set_stochastic_depth', 'make_ema', 'ema_weights', 'RunFolderError', 'check_out_path',
+           'folder_contents', 'lock_folder', 'swap_folders', 'RunDir', 'MetricsError', 'read_metrics',
+           'nonfinite_tensors', 'RunLog', 'resume_config', 'TrainingInterrupted', 'fit', 'model_from_checkpoint',
+           'given_fields', 'config_from_args', 'resume_from_args', 'niff_train']
 
 # %% ../nbs/05_train.ipynb #d59537c7
 OPTIMIZERS = ('sgd', 'adamw', 'rmsprop')
@@ -393,6 +395,29 @@ def run_batch(model: nn.Module, batch, rt: Runtime, criterion, optimizer=None, s
         if scheduler is not None: scheduler.step()
     return loss.detach(), logits.detach(), y
 
+# %% ../nbs/05_train.ipynb #6197ad11
+class SafeInterrupt:
+    "While active, Ctrl-C (SIGINT) asks the loops to stop after the current step (`check`); a second Ctrl-C raises at once."
+    def __init__(self): self.requested, self._old = False, None
+
+    def _handler(self, signum, frame):
+        if self.requested: raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread(): self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None: signal.signal(signal.SIGINT, self._old); self._old = None
+
+    def check(self):
+        "Raise `KeyboardInterrupt` here if Ctrl-C was pressed while active."
+        if self.requested: self.requested = False; raise KeyboardInterrupt
+
+INTERRUPT = SafeInterrupt()
+
 # %% ../nbs/05_train.ipynb #197c9ecd
 SYNC_EVERY = 50     # steps between the host's looks at the running sums (progress bar, non-finite loss)
 
@@ -414,6 +439,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, amp_
         loss, logits, y = run_batch(model, batch, rt, criterion, optimizer, scheduler, bt, generator, mix)
         if ema is not None: ema.update_parameters(model)
         tally.add(loss * y.shape[0], logits, y)
+        INTERRUPT.check()
         if step % sync_every == 0:
             r = _finite_loss(tally.read(), f"step {step} of {desc}")
             if progress: bar.set_postfix(loss=f"{r['loss']:.3f}", acc=f"{r['top1']:.3f}", img_s=f"{r['n'] / (time.perf_counter() - t0):.0f}")
@@ -438,6 +464,7 @@ def evaluate(model: nn.Module, loader, device=None, amp_dtype: torch.dtype | Non
     try:
         for batch in tqdm(loader, desc='eval', leave=False, disable=not progress):
             tally.add(*run_batch(model, batch, rt, crit, batch_transform=bt))
+            INTERRUPT.check()
     finally: model.train(was_training)
     if tally.n == 0: raise ValueError("evaluate got an empty loader")
     r = tally.read()
@@ -1129,7 +1156,8 @@ def niff_train(argv=None) -> None:
     try:
         try: cfg = resume_from_args(args) if args.resume else config_from_args(args)
         except ArgumentError as e: parser.error(str(e))
-        fit(cfg, resume=args.resume, overwrite=args.overwrite)
+        single = int(os.environ.get('WORLD_SIZE', '1')) == 1          # under torchrun every rank must stop at the same step
+        with INTERRUPT if single else contextlib.nullcontext(): fit(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as e:
         if main:
             where = f"the last checkpoint is {e.checkpoint} (epoch {e.epoch}): continue with --resume" if e.checkpoint else f"no checkpoint was written{e.note}"
