@@ -23,8 +23,9 @@ from .zoo import create_model
 from .tables import PAPER_PARAMS, PAPER_TABLES
 from .data import BadImageError, DatasetNotFoundError, check_dataset, dataset_info
 from .train import (CONVNEXT_PIPELINE, RECIPES, CheckpointError, RunDir, TrainConfig, build_model, config_from_dict, fit,
-                           load_checkpoint, model_from_checkpoint, read_metrics, recipe, seed_everything, setup_distributed)
+                           load_checkpoint, model_from_checkpoint, read_metrics, recipe, setup_distributed)
 from .analysis import kernel_mass_table, niff_layers, plot_kernel_mass, spatial_kernels
+from .analyze import initial_model
 
 # %% auto #0
 __all__ = ['PAPER_ACCURACY', 'PAPER_TORCHVISION_ACCURACY', 'TABLE_DATASETS', 'ROW_RECIPES', 'ARCH_NAMES', 'VARIANT_NAMES',
@@ -134,10 +135,9 @@ def train_rows(table: str, rows, data, out, resume: bool = False, overwrite: boo
 def analyse_row(cfg: TrainConfig, out_dir, mass: float = 0.9) -> dict | None:
     "Kernel mass of a trained NIFF row and of its untrained control (same seed): per-layer tables and `kernel_mass_<row>.png`; None without NIFF layers."
     import matplotlib.pyplot as plt
-    model, _ = model_from_checkpoint(Path(cfg.out) / 'last.pt')
+    model, ckpt = model_from_checkpoint(Path(cfg.out) / 'last.pt')
     if not niff_layers(model): return None
-    seed_everything(cfg.seed)
-    control = build_model(cfg).eval()
+    control, _ = initial_model(ckpt)                 # the run's starting model, the caller's random state untouched
     info = dataset_info(cfg.dataset, root=cfg.data)
     tables = {k: kernel_mass_table(spatial_kernels(m, info.image_size, info.in_channels), mass) for k, m in (('trained', model), ('init', control))}
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
